@@ -1,0 +1,1 @@
+from . import dp_sentence_prediction  # noqa: F401

@@ -1,0 +1,32 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""Per-example gradients of RGP's carriers, projected back onto the weight."""
+
+from typing import Dict
+
+from torch import Tensor
+
+from ..modules.low_rank_linear import LowRankLinear
+from .registry import GradSampler, _add_grad, register_grad_sampler
+
+
+@register_grad_sampler(LowRankLinear)
+class LowRankLinearGradSampler(GradSampler):
+    def trainable_params(self, module: LowRankLinear):
+        if module.bias is not None and module.bias.requires_grad:
+            raise ValueError(
+                "RGP reparametrizes weights only: the bias of a LowRankLinear must be frozen"
+            )
+        return {"weight": module.weight} if module.weight.requires_grad else {}
+
+    def per_example(self, module: LowRankLinear, activation: Tensor, grad_out: Tensor) -> Dict[str, Tensor]:
+        grad_left, grad_right = module.carrier_grads(activation, grad_out)
+        return {"left": grad_left, "right": grad_right}
+
+    def zero_sum(self, module: LowRankLinear) -> Dict[str, Tensor]:
+        return {
+            "left": module.weight.new_zeros(module.out_features, module.rank),
+            "right": module.weight.new_zeros(module.rank, module.in_features),
+        }
+
+    def accumulate_grad(self, module: LowRankLinear, summed: Dict[str, Tensor]) -> None:
+        _add_grad(module.weight, module.project(summed["left"], summed["right"]))

@@ -1,0 +1,1 @@
+from . import roberta_rgp  # noqa: F401

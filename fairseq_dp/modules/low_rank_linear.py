@@ -1,0 +1,183 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""RGP's low-rank reparametrization W = L·R + W̃ of one weight matrix.
+
+The forward value of ``W̃x + L(Rx)`` is exactly ``Wx``, so the layer computes
+``Wx`` directly and the reparametrization only shapes the gradient: the
+per-example gradients of the carriers are ``∂L = Σ_t g_t (R x_t)ᵀ`` and
+``∂R = Σ_t (Lᵀ g_t) x_tᵀ`` (Yu et al., ICML 2021), formed from the layer's input
+and output gradient without ever building a full per-example weight gradient.
+Autograd never computes a gradient for ``W`` itself: that is what makes RGP
+cheaper than non-private training.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _OutputGradLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` whose backward forms only the input gradient and hands
+    the output gradient to ``record`` (slot 2).
+
+    The output gradient is taken here rather than by a tensor hook because
+    fairseq's attention scales q in place, and a hook on a view that is then
+    changed in place never fires. ``tap`` is a zero scalar that requires grad:
+    the first layer's input (frozen embeddings) does not, and without it the
+    output would not be in the graph at all.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tap, record):
+        ctx.save_for_backward(weight)
+        ctx.record = record
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        torch.matmul(x, weight.t(), out=out)  # not a view, so it may be changed in place
+        if bias is not None:
+            out.add_(bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        if ctx.record is not None:
+            ctx.record[2] = grad.detach()
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+
+class LowRankLinear(nn.Linear):
+    """``nn.Linear`` whose weight gradient is carried by rank-``rank`` factors.
+
+    State-dict keys are those of ``nn.Linear`` (``weight``, ``bias``), so plain
+    fairseq RoBERTa checkpoints load unchanged. The carriers ``L`` (out × rank)
+    and ``R`` (rank × in) are plain tensors set by :meth:`set_carriers` before
+    every update (power iteration); they are not parameters and are not saved.
+
+    Args:
+        batch_dim: dimension of the batch in this layer's input (1 for
+            fairseq's time-major encoder layers).
+        reference_projection: rebuild the weight gradient with the published
+            code's ``+ L Lᵀ ∂L R`` instead of the projection's ``−`` (for
+            reproducing published numbers only).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int = 1,
+        batch_dim: int = 1,
+        reference_projection: bool = False,
+    ):
+        super().__init__(in_features, out_features, bias=bias)
+        if rank < 1 or rank > min(in_features, out_features):
+            raise ValueError(
+                f"--rgp-rank {rank} is invalid for a {out_features}x{in_features} "
+                f"matrix: it must be between 1 and {min(in_features, out_features)}"
+            )
+        self.rank = rank
+        self.batch_dim = batch_dim
+        self.reference_projection = reference_projection
+        self.left: Optional[Tensor] = None
+        self.right: Optional[Tensor] = None
+        # the update whose carriers are set; a forward with stale carriers is a bug
+        self.carrier_update: Optional[int] = None
+        self._tap = torch.zeros((), requires_grad=True)
+        # set by the DP trainer: called with (module, input), returns the
+        # record whose slot 2 receives the output gradient, or None
+        self.recorder = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LowRankLinear":
+        new = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, **kwargs
+        )
+        new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        return new
+
+    @property
+    def carriers_active(self) -> bool:
+        return self.training and self.left is not None
+
+    def set_carriers(self, left: Tensor, right: Tensor, update_num: int) -> None:
+        self.left, self.right, self.carrier_update = left, right, update_num
+
+    def clear_carriers(self) -> None:
+        self.left = self.right = self.carrier_update = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.carriers_active:
+            return F.linear(x, self.weight, self.bias)
+        if self._tap.device != x.device or self._tap.dtype != x.dtype:
+            self._tap = torch.zeros((), device=x.device, dtype=x.dtype, requires_grad=True)
+        record = self.recorder(self, x) if self.recorder is not None else None
+        bias = None if self.bias is None else self.bias.detach()
+        # the weight is detached: autograd never forms its gradient
+        return _OutputGradLinear.apply(x, self.weight.detach(), bias, self._tap, record)
+
+    def carrier_grads(self, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-example carrier gradients ``(∂L, ∂R)``, shapes (B, out, r), (B, r, in)."""
+        x = x.movedim(self.batch_dim, 0).reshape(x.shape[self.batch_dim], -1, x.shape[-1])
+        g = grad_out.movedim(self.batch_dim, 0).reshape(x.shape[0], -1, grad_out.shape[-1])
+        rx = torch.matmul(x, self.right.t())  # (B, T, r)
+        ltg = torch.matmul(g, self.left)  # (B, T, r)
+        grad_left = torch.bmm(g.transpose(1, 2), rx)  # (B, out, r)
+        grad_right = torch.bmm(ltg.transpose(1, 2), x)  # (B, r, in)
+        return grad_left, grad_right
+
+    def project(self, grad_left: Tensor, grad_right: Tensor) -> Tensor:
+        """Full-weight gradient from carrier gradients.
+
+        With orthonormal carriers this is the orthogonal projection of ``G``
+        onto ``{L X + Y R}``: ``L ∂R + ∂L R − L Lᵀ ∂L R``, whose norm never
+        exceeds that of ``(∂L, ∂R)``.
+        """
+        L, R = self.left, self.right
+        overlap = L @ (L.t() @ grad_left)
+        sign = 1.0 if self.reference_projection else -1.0
+        return L @ grad_right + (grad_left + sign * overlap) @ R
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}"
+
+
+def orthonormalize(m: Tensor) -> Tensor:
+    """Orthonormal basis of the columns of ``m`` (reduced QR, signs fixed)."""
+    q, r = torch.linalg.qr(m, mode="reduced")
+    # QR is unique up to column signs; fixing them keeps carriers deterministic
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return q * signs.unsqueeze(-2)
+
+
+def power_iteration(
+    matrix: Tensor, rank: int, iters: int = 1, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor]:
+    """Approximate top-``rank`` singular subspaces of ``matrix`` (p × d).
+
+    Returns ``(L, R)`` with ``L`` (p × rank) orthonormal columns and ``R``
+    (rank × d) orthonormal rows. A zero matrix (no update yet) gives the
+    random orthonormal start, so carriers are always well defined.
+    """
+    p, d = matrix.shape
+    start = torch.randn(d, rank, generator=generator, dtype=matrix.dtype,
+                        device="cpu" if generator is None else generator.device)
+    start = start.to(matrix.device)
+    right = orthonormalize(start)  # (d, r)
+    if not torch.any(matrix):
+        left = torch.randn(p, rank, generator=generator, dtype=matrix.dtype,
+                           device=start.device).to(matrix.device)
+        return orthonormalize(left), right.t().contiguous()
+    for _ in range(max(iters, 1)):
+        left = orthonormalize(matrix @ right)
+        right = orthonormalize(matrix.t() @ left)
+    return left, right.t().contiguous()

@@ -1,0 +1,263 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""The DP training step: power iteration, per-example clipping, Gaussian noise.
+
+fairseq has no option that selects its ``Trainer`` class, and rebinding
+``fairseq_cli.train.Trainer`` is silently bypassed by ``python -m
+fairseq_cli.train``. So the DP trainer is this object, owned by the DP task and
+driven from ``task.train_step``, which every entry point calls for every
+micro-batch. fairseq's own ``Trainer`` then does what it does for any run:
+sum micro-batches, divide by the returned ``sample_size`` (the expected logical
+batch size), log ``gnorm``, and step the optimizer.
+
+Per micro-batch:
+1. at the first micro-batch of an update, RGP carriers from power iteration;
+2. forward, recording every tracked module's input and output;
+3. one ``autograd.grad`` of the summed loss w.r.t. those outputs (no weight
+   gradient is ever formed by autograd);
+4. per-example gradients (or their norms) from the registered rules, one flat
+   norm over all of them, clip factors ``min(1, C / (‖g_i‖ + 1e-6))``;
+5. the clipped sum, plus N(0, σ²C²) noise once per logical batch (on the
+   first micro-batch), written into ``.grad``; RGP carrier sums are projected
+   onto the full weights. The accountant records the update at that point.
+"""
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .accounting import PrivacyAccountant
+from .grad_sample import find_grad_sampler
+from .modules import LowRankLinear, power_iteration
+
+logger = logging.getLogger(__name__)
+
+# numerical floor of the clip factor's denominator, as in opacus
+CLIP_STABILITY = 1e-6
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The fairseq model inside distributed / proxy wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def gaussian_like(t: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    device = generator.device if generator is not None else t.device
+    return torch.normal(0.0, std, size=t.shape, generator=generator, dtype=t.dtype, device=device).to(t.device)
+
+
+class DPTrainer:
+    """Runs DP-SGD micro-batch steps for one model.
+
+    Args:
+        model: the unwrapped fairseq model. Every trainable parameter must be
+            covered by a per-example gradient rule (``fairseq_dp.grad_sample``).
+        accountant: the run's privacy ledger; one step is recorded per logical
+            batch, when its noise is drawn.
+        clip_norm: per-example L2 clip norm C over all privatized gradients.
+        noise_multiplier: σ; the noise added to the clipped sum has std σ·C.
+        expected_batch_size: the logical batch size the gradient is divided by.
+        sample_rate: q, recorded in the ledger with each step.
+        seed: seeds power iteration (with the update number), so carriers are
+            the same on every worker without communication.
+        noise_generator: generator for the noise; ``None`` uses torch's global
+            generator (which fairseq reseeds from ``--seed`` every update).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        accountant: PrivacyAccountant,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: int,
+        sample_rate: float,
+        seed: int = 1,
+        noise_generator: Optional[torch.Generator] = None,
+    ):
+        self.model = model
+        self.accountant = accountant
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.expected_batch_size = expected_batch_size
+        self.sample_rate = sample_rate
+        self.seed = seed
+        self.noise_generator = noise_generator
+
+        self.tracked: List[Tuple[str, nn.Module, object]] = []
+        covered = set()
+        for name, module in model.named_modules():
+            sampler = find_grad_sampler(module)
+            if sampler is None:
+                continue
+            params = sampler.trainable_params(module)
+            if params:
+                self.tracked.append((name, module, sampler))
+                covered.update(id(p) for p in params.values())
+        uncovered = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if uncovered:
+            raise ValueError(
+                "DP training needs a per-example gradient rule for every trainable "
+                f"parameter, and these have none: {', '.join(uncovered[:8])}"
+                + (f" (and {len(uncovered) - 8} more)" if len(uncovered) > 8 else "")
+                + ". Freeze them (requires_grad=False) or use an architecture built "
+                "for DP such as --arch roberta_rgp."
+            )
+        if not self.tracked:
+            raise ValueError("DP training found no trainable parameter")
+        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+
+        args = getattr(model, "args", None)
+        self.low_rank = [m for _, m, _ in self.tracked if isinstance(m, LowRankLinear)]
+        self.power_iters = getattr(args, "rgp_power_iters", 1) or 1
+        self.carrier_source = getattr(args, "rgp_carrier_source", "weight") or "weight"
+        self._initial_weights: Optional[List[Tensor]] = None
+        self._carrier_update: Optional[int] = None
+
+        self._recording = False
+        self._records: List[list] = []
+        # Each record is [module, input, output gradient]. A
+        # LowRankLinear fills it itself (its backward sees the output gradient
+        # even when fairseq's attention scales q in place); other modules get
+        # a forward hook and a hook on their output.
+        self._hooks = []
+        for _, module, _ in self.tracked:
+            if isinstance(module, LowRankLinear):
+                module.recorder = self._new_record
+            else:
+                self._hooks.append(module.register_forward_hook(self._record_output))
+
+    def _new_record(self, module, activation):
+        if not self._recording:
+            return None
+        record = [module, activation.detach(), None]
+        self._records.append(record)
+        return record
+
+    def _record_output(self, module, inputs, output):
+        record = self._new_record(module, inputs[0])
+        if record is None:
+            return
+        if output.requires_grad:
+            output.register_hook(lambda grad: record.__setitem__(2, grad.detach()))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for module in self.low_rank:
+            module.recorder = None
+
+    # ------------------------------------------------------------------ RGP
+    @torch.no_grad()
+    def compute_carriers(self, update_num: int) -> None:
+        """Power iteration for every reparametrized matrix, seeded from
+        (seed, update_num), in a fixed module order."""
+        if not self.low_rank:
+            return
+        if self.carrier_source == "update" and self._initial_weights is None:
+            self._initial_weights = [m.weight.detach().clone() for m in self.low_rank]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + update_num)
+        for i, module in enumerate(self.low_rank):
+            matrix = module.weight.detach()
+            if self.carrier_source == "update":
+                matrix = matrix - self._initial_weights[i]
+            left, right = power_iteration(matrix, module.rank, self.power_iters, generator)
+            module.set_carriers(left, right, update_num)
+        self._carrier_update = update_num
+
+    # ------------------------------------------------------------- the step
+    def train_step(self, sample, model, criterion, update_num: int, ignore_grad: bool = False):
+        """One micro-batch: returns ``(loss, sample_size, logging_output)`` as
+        ``FairseqTask.train_step`` does, with ``sample_size`` the expected
+        logical batch size on an update's first micro-batch and 0 after it."""
+        model.train()
+        model.set_num_updates(update_num)
+        first_micro_batch = all(p.grad is None for p in self.params)
+        if first_micro_batch or self._carrier_update != update_num:
+            self.compute_carriers(update_num)
+
+        self._records = []
+        self._recording = True
+        try:
+            loss, _, logging_output = criterion(model, sample)
+        finally:
+            self._recording = False
+        records, self._records = self._records, []
+        self._check_records(records)
+
+        nsentences = int(logging_output.get("nsentences", 0))
+        if ignore_grad or nsentences == 0:
+            loss = loss.detach() * 0
+            summed = None
+        else:
+            summed, nclipped = self._clipped_sums(loss, records)
+            logging_output["dp_nclipped"] = nclipped
+
+        std = self.noise_multiplier * self.clip_norm if first_micro_batch else 0.0
+        for (name, module, sampler) in self.tracked:
+            values = summed[name] if summed is not None else sampler.zero_sum(module)
+            if std > 0:
+                values = {k: v + gaussian_like(v, std, self.noise_generator) for k, v in values.items()}
+            sampler.accumulate_grad(module, values)
+        if first_micro_batch and self.accountant.steps < update_num:
+            # resumed run: the ledger is rebuilt from the update count, exact
+            # because σ and q are constant within a run
+            logger.warning(
+                f"DP: ledger has {self.accountant.steps} steps at update {update_num}; "
+                "recording the missing updates at the current σ and q"
+            )
+            self.accountant.step(
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                num_steps=update_num - self.accountant.steps,
+            )
+        if first_micro_batch:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+        logging_output["dp_sample"] = 1
+        sample_size = self.expected_batch_size if first_micro_batch else 0
+        return loss.detach(), sample_size, logging_output
+
+    def _check_records(self, records) -> None:
+        calls: Dict[int, int] = {}
+        for module, *_ in records:
+            calls[id(module)] = calls.get(id(module), 0) + 1
+        for name, module, _ in self.tracked:
+            n = calls.get(id(module), 0)
+            if n != 1:
+                raise RuntimeError(
+                    f"DP training expects module '{name}' to run exactly once per "
+                    f"forward, but it ran {n} times: a module that is skipped (e.g. "
+                    "by a fused fast path) or shared cannot be given per-example "
+                    "gradients; freeze it or untie it"
+                )
+
+    def _graph_leaves(self) -> List[Tensor]:
+        """Leaves whose gradient makes autograd run back through every tracked
+        module's output: the trainable parameters, and the zero taps of the
+        reparametrized layers (whose weights are detached in the forward)."""
+        return self.params + [m._tap for m in self.low_rank]
+
+    def _clipped_sums(self, loss: Tensor, records) -> Tuple[Dict[str, Dict[str, Tensor]], int]:
+        # only for the output-gradient hooks; the leaves' own gradients are dropped
+        torch.autograd.grad(loss, self._graph_leaves(), allow_unused=True)
+        name_of = {id(m): n for n, m, _ in self.tracked}
+        norms_sq = 0.0
+        partial = []
+        for module, activation, grad_out in records:
+            if grad_out is None:  # the loss does not depend on this module
+                grad_out = activation.new_zeros(*activation.shape[:-1], module.out_features)
+            sampler = find_grad_sampler(module)
+            n_sq, clipped_sum = sampler.norms_and_sum(module, activation, grad_out)
+            norms_sq = norms_sq + n_sq
+            partial.append((name_of[id(module)], clipped_sum))
+        norms = torch.sqrt(norms_sq)
+        factors = (self.clip_norm / (norms + CLIP_STABILITY)).clamp(max=1.0)
+        summed = {name: clipped_sum(factors) for name, clipped_sum in partial}
+        return summed, int((factors < 1.0).sum().item())

@@ -1,0 +1,54 @@
+"""Shared helpers: tiny generated data and in-process fairseq set-up."""
+
+import os
+
+import torch
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+import fairseq_dp  # noqa: F401  (registers the plugin)
+from fairseq_dp.data.synthetic import make_synthetic_dataset
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(fairseq_dp.__file__))
+
+TINY_MODEL = [
+    "--arch", "roberta_rgp", "--encoder-layers", "2", "--encoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "48", "--encoder-attention-heads", "4",
+]
+
+
+def data_dir(tmp_path_factory, n_train=256, n_valid=64, name="data"):
+    path = tmp_path_factory.mktemp(name)
+    return make_synthetic_dataset(str(path), n_train=n_train, n_valid=n_valid)
+
+
+def train_args(data, *extra, model=TINY_MODEL, noise=("--dp-noise-multiplier", "1.0")):
+    return [
+        data, "--user-dir", PLUGIN_DIR, "--cpu", "--task", "dp_sentence_prediction",
+        "--criterion", "dp_sentence_prediction", "--num-classes", "2", "--init-token", "0",
+        "--separator-token", "2", "--max-positions", "64", *model,
+        "--optimizer", "adam", "--lr", "1e-3", "--lr-scheduler", "fixed", "--batch-size", "8",
+        "--seed", "1", "--num-workers", "0", "--dp-clip-norm", "1.0", *noise, *extra,
+    ]
+
+
+def parse(argv):
+    parser = options.get_training_parser()
+    return convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
+
+
+def build(argv, dtype=torch.float64, load_train=True):
+    """(cfg, task, model, criterion) for a training command line, in-process."""
+    cfg = parse(argv)
+    torch.manual_seed(cfg.common.seed)  # as fairseq_cli.train does: same init every build
+    task = tasks.setup_task(cfg.task)
+    if load_train:
+        task.load_dataset("train")
+    model = task.build_model(cfg.model).to(dtype)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
+def batch(task, split="train", size=8, start=0):
+    dataset = task.dataset(split)
+    return dataset.collater([dataset[i] for i in range(start, start + size)])
