@@ -1,0 +1,32 @@
+# Set-up and entry points. `make test` and `make demo` create .venv/ when it is
+# missing. torch is pinned to the CPU build that pip finds on this machine's
+# disk; asking pip for an unpinned torch (directly, or through fairseq's
+# torchaudio requirement) would download a CUDA build instead.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+TORCH_VERSION ?= 2.13.0
+FAIRSEQ := ve-fairseq==0.12.3
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-deps $(FAIRSEQ)
+	$(PIP) install -q -e '.[test]'
+	$(PY) -c "import torch, fairseq, fairseq_dp; print('torch', torch.__version__, '| fairseq', fairseq.__version__, '| fairseq_dp', fairseq_dp.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(PY) -m fairseq_dp.demo $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT))
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache .hypothesis

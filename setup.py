@@ -1,0 +1,41 @@
+"""fairseq-dp: differentially private fine-tuning as a fairseq plugin.
+
+fairseq itself is not in ``install_requires``: every fairseq distribution for
+Python 3.11 declares ``torchaudio``, whose resolution replaces a CPU torch with
+a CUDA one. Install ``ve-fairseq==0.12.3`` with ``--no-deps`` (the Makefile
+does); its real runtime dependencies are listed here.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-dp",
+    version="0.1.0",
+    description="Differentially private fine-tuning (RGP) for fairseq, as a --user-dir plugin",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fairseq_dp", "fairseq_dp.*"]),
+    package_data={"fairseq_dp": ["config/*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        "opacus>=1.5,<2",
+        # fairseq 0.12.3's runtime dependencies, minus torchaudio (speech only)
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.3",
+        "numpy>=1.21.3",
+        "scipy",
+        "regex",
+        "sacrebleu>=1.4.12",
+        "tqdm",
+        "bitarray",
+        "cffi",
+        "cython",
+        "scikit-learn",
+        "packaging",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0"],
+    },
+)
