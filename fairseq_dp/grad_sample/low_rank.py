@@ -6,7 +6,7 @@ from typing import Dict
 from torch import Tensor
 
 from ..modules.low_rank_linear import LowRankLinear
-from .registry import GradSampler, _add_grad, register_grad_sampler
+from .registry import GradSampler, _add_grad, batch_first, register_grad_sampler
 
 
 @register_grad_sampler(LowRankLinear)
@@ -19,7 +19,9 @@ class LowRankLinearGradSampler(GradSampler):
         return {"weight": module.weight} if module.weight.requires_grad else {}
 
     def per_example(self, module: LowRankLinear, activation: Tensor, grad_out: Tensor) -> Dict[str, Tensor]:
-        grad_left, grad_right = module.carrier_grads(activation, grad_out)
+        grad_left, grad_right = module.carrier_grads(
+            batch_first(activation, module.batch_dim), batch_first(grad_out, module.batch_dim)
+        )
         return {"left": grad_left, "right": grad_right}
 
     def zero_sum(self, module: LowRankLinear) -> Dict[str, Tensor]:

@@ -125,13 +125,12 @@ class LowRankLinear(nn.Linear):
         return _OutputGradLinear.apply(x, self.weight.detach(), bias, self._tap, record)
 
     def carrier_grads(self, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Tensor]:
-        """Per-example carrier gradients ``(∂L, ∂R)``, shapes (B, out, r), (B, r, in)."""
-        x = x.movedim(self.batch_dim, 0).reshape(x.shape[self.batch_dim], -1, x.shape[-1])
-        g = grad_out.movedim(self.batch_dim, 0).reshape(x.shape[0], -1, grad_out.shape[-1])
-        rx = torch.matmul(x, self.right.t())  # (B, T, r)
-        ltg = torch.matmul(g, self.left)  # (B, T, r)
-        grad_left = torch.bmm(g.transpose(1, 2), rx)  # (B, out, r)
-        grad_right = torch.bmm(ltg.transpose(1, 2), x)  # (B, r, in)
+        """Per-example carrier gradients ``(∂L, ∂R)``, shapes (B, out, r) and
+        (B, r, in), from batch-first inputs (B, N, in) and output gradients (B, N, out)."""
+        rx = torch.matmul(x, self.right.t())  # (B, N, r)
+        ltg = torch.matmul(grad_out, self.left)  # (B, N, r)
+        grad_left = torch.bmm(grad_out.transpose(1, 2), rx)
+        grad_right = torch.bmm(ltg.transpose(1, 2), x)
         return grad_left, grad_right
 
     def project(self, grad_left: Tensor, grad_right: Tensor) -> Tensor:
