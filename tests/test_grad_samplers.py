@@ -1,5 +1,6 @@
 """Every per-example gradient rule against a loop over one-example batches."""
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
@@ -8,7 +9,14 @@ from hypothesis import strategies as st
 from fairseq_dp.grad_sample import find_grad_sampler
 from fairseq_dp.modules import LowRankLinear, power_iteration
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """Exact comparisons in float64, without leaking the default to other modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def layer_input(B, T, d, batch_dim, g):

@@ -1,12 +1,20 @@
 """Carriers, projection and power iteration of RGP's low-rank reparametrization."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fairseq_dp.modules import LowRankLinear, orthonormalize, power_iteration
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """Exact comparisons in float64, without leaking the default to other modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def module_with_carriers(p, d, r, seed=0, reference=False):
@@ -73,8 +81,6 @@ def test_power_iteration_is_deterministic_and_handles_zero():
 
 
 def test_rank_larger_than_matrix_is_refused():
-    import pytest
-
     with pytest.raises(ValueError, match="--rgp-rank 9 is invalid for a 4x8 matrix"):
         LowRankLinear(8, 4, rank=9)
     with pytest.raises(ValueError, match="--rgp-rank 0"):
