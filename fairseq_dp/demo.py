@@ -57,7 +57,7 @@ def private_command(data: str, restore: str, out: str, args) -> list:
         "--dp-clip-norm", str(args.clip_norm), "--dp-target-epsilon", str(args.epsilon),
         "--dp-delta", str(args.delta), "--dp-accountant", "prv",
         "--save-dir", os.path.join(out, "checkpoints"), "--log-interval", "20",
-        "--log-file", os.path.join(out, "train.log"),
+        "--log-file", os.path.join(out, "train.log"), "--seed", str(args.seed),
     ]
 
 
@@ -94,6 +94,7 @@ def main(argv=None):
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--carrier-source", choices=["weight", "update"], default="weight")
+    p.add_argument("--seed", type=int, default=1, help="seed of the DP stage")
     p.add_argument("--n-train", type=int, default=8000)
     args = p.parse_args(argv)
 
