@@ -31,9 +31,11 @@ COMMON = [
 
 
 def public_command(data: str, out: str) -> list:
-    """Non-private pre-training with stock fairseq: plain task, arch and criterion."""
+    """Non-private pre-training with stock fairseq: plain task, arch and criterion.
+    The plugin is loaded only so that a rerun can resume from checkpoint_last.pt
+    on torch >= 2.6 (it allows the types fairseq pickles)."""
     return [
-        sys.executable, "-m", "fairseq_cli.train", data, *COMMON,
+        sys.executable, "-m", "fairseq_cli.train", data, *COMMON, "--user-dir", PLUGIN_DIR,
         "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--arch", "roberta",
         "--classification-head-name", "public_head",
         "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "fixed",
