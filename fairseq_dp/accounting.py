@@ -7,8 +7,10 @@ because a PRV evaluation takes about half a second.
 """
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+import torch.nn as nn
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -64,6 +66,49 @@ class PrivacyAccountant:
             self._cache = {key: float(accountant.get_epsilon(delta=delta))}
         return self._cache[key]
 
+    def epsilon_after(self, delta: float, *, noise_multiplier: float, sample_rate: float, num_steps: int) -> float:
+        """ε the ledger would report after ``num_steps`` more updates."""
+        probe = PrivacyAccountant(self.mechanism)
+        probe.history = list(self.history)
+        probe.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps)
+        return probe.get_epsilon(delta)
+
+    def steps_within_budget(
+        self,
+        max_epsilon: float,
+        delta: float,
+        *,
+        noise_multiplier: float,
+        sample_rate: float,
+        limit: Optional[int] = None,
+    ) -> int:
+        """How many more updates at (σ, q) keep ε ≤ ``max_epsilon`` (at most
+        ``limit``; without a limit, up to 2**30).
+
+        ε grows with the number of steps, so a bisection over the count finds
+        the last one within budget with about log2(limit) evaluations.
+        """
+        def within(n: int) -> bool:
+            eps = self.epsilon_after(delta, noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=n)
+            return eps <= max_epsilon
+
+        if not within(0):
+            return 0
+        if limit is None:
+            limit = 1
+            while limit < 2**30 and within(limit):
+                limit *= 2
+        if within(limit):
+            return limit
+        lo, hi = 0, limit  # within(lo) and not within(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if within(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     def state_dict(self) -> Dict[str, Any]:
         return {"mechanism": self.mechanism, "history": list(self.history)}
 
@@ -72,6 +117,42 @@ class PrivacyAccountant:
         self.mechanism = state["mechanism"]
         self.history = [tuple(entry) for entry in state["history"]]
         self._cache = {}
+
+
+LEDGER_KEY = "dp_ledger"
+
+
+def history_to_tensor(history: List[Tuple[float, float, int]]) -> torch.Tensor:
+    # float64 holds σ and q exactly and step counts exactly below 2**53
+    return torch.tensor([list(entry) for entry in history], dtype=torch.float64).reshape(-1, 3)
+
+
+def history_from_tensor(t: torch.Tensor) -> List[Tuple[float, float, int]]:
+    return [(float(sigma), float(q), int(n)) for sigma, q, n in t.reshape(-1, 3).tolist()]
+
+
+def keep_ledger_with_weights(model: nn.Module, accountant: "PrivacyAccountant") -> None:
+    """Save the ledger in the model's state dict, and restore it on load.
+
+    fairseq's ``Trainer.load_checkpoint`` restores the model whatever the
+    ``--reset-*`` flags, but not the task state, and ``--reset-optimizer``
+    restarts the update count. The privacy already spent belongs with the
+    weights that spent it, so it travels under ``dp_ledger`` in the model
+    state. A checkpoint without that key (a pretrained or non-private model)
+    loads strictly as before and leaves the ledger as it is.
+    """
+    key = LEDGER_KEY
+
+    def save(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + key] = history_to_tensor(accountant.history)
+
+    def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        saved: Optional[torch.Tensor] = state_dict.pop(prefix + key, None)
+        if saved is not None:
+            accountant.load_state_dict({"mechanism": accountant.mechanism, "history": history_from_tensor(saved)})
+
+    model.register_state_dict_post_hook(save)
+    model.register_load_state_dict_pre_hook(load)
 
 
 def calibrate_noise_multiplier(

@@ -6,8 +6,8 @@ fairseq has no option that selects its ``Trainer`` class, and rebinding
 fairseq_cli.train``. So the DP trainer is this object, owned by the DP task and
 driven from ``task.train_step``, which every entry point calls for every
 micro-batch. fairseq's own ``Trainer`` then does what it does for any run:
-sum micro-batches, divide by the returned ``sample_size`` (the expected logical
-batch size), log ``gnorm``, and step the optimizer.
+sum micro-batches, all-reduce across workers (``legacy_ddp``), log ``gnorm``,
+and step the optimizer.
 
 Per micro-batch:
 1. at the first micro-batch of an update, RGP carriers from power iteration;
@@ -17,11 +17,20 @@ Per micro-batch:
 4. per-example gradients (or their norms) from the registered rules, one flat
    norm over all of them, clip factors ``min(1, C / (‖g_i‖ + 1e-6))``;
 5. the clipped sum, plus N(0, σ²C²) noise once per logical batch (on the
-   first micro-batch), written into ``.grad``; RGP carrier sums are projected
-   onto the full weights. The accountant records the update at that point.
+   first micro-batch, and on worker 0 only), divided by the expected logical
+   batch size and written into ``.grad``; RGP carrier sums are projected onto
+   the full weights. The accountant records the update at that point.
+
+The division happens here rather than in fairseq's trainer because fairseq
+zeroes a worker's ``sample_size`` when its last micro-batch is a dummy (an
+empty Poisson micro-batch, or a worker with fewer batches): the micro-batches
+return ``sample_size`` 0, fairseq's ``multiply_grads(world_size / (0 or 1))``
+then only undoes ``legacy_ddp``'s averaging, and the result is
+``(Σ clipped + noise) / expected batch`` on every worker.
 """
 
 import logging
+import secrets
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -45,9 +54,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next update would take ε past ``--dp-max-epsilon``."""
+
+
 def gaussian_like(t: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
     device = generator.device if generator is not None else t.device
     return torch.normal(0.0, std, size=t.shape, generator=generator, dtype=t.dtype, device=device).to(t.device)
+
+
+def check_plain_weights(name: str, module: nn.Module) -> None:
+    """Per-example rules read a module's parameters directly; a module whose
+    weight is computed from them (spectral norm, weight norm, any
+    parametrization or pre-hook) would get gradients for the wrong tensor."""
+    if getattr(module, "parametrizations", None) or module._forward_pre_hooks:
+        raise ValueError(
+            f"DP training cannot give per-example gradients to '{name}': its weight is "
+            "reparametrized or changed by a forward pre-hook (e.g. "
+            "--spectral-norm-classification-head, weight norm). Remove that option or "
+            "freeze the module"
+        )
 
 
 class DPTrainer:
@@ -66,6 +92,13 @@ class DPTrainer:
             the same on every worker without communication.
         noise_generator: generator for the noise; ``None`` uses torch's global
             generator (which fairseq reseeds from ``--seed`` every update).
+        secure_rng: reseed the noise generator from the operating system's
+            secure source (``secrets``) at every update, so knowing ``--seed``
+            does not reveal the noise.
+        adds_noise: whether this worker adds the noise (worker 0 of a
+            data-parallel run; the others add only their clipped sums).
+        budget_steps: the ledger's step count that must not be exceeded
+            (``--dp-max-epsilon``); ``None`` for no limit.
     """
 
     def __init__(
@@ -79,6 +112,9 @@ class DPTrainer:
         sample_rate: float,
         seed: int = 1,
         noise_generator: Optional[torch.Generator] = None,
+        secure_rng: bool = False,
+        adds_noise: bool = True,
+        budget_steps: Optional[int] = None,
     ):
         self.model = model
         self.accountant = accountant
@@ -88,6 +124,11 @@ class DPTrainer:
         self.sample_rate = sample_rate
         self.seed = seed
         self.noise_generator = noise_generator
+        self.secure_rng = secure_rng
+        self.adds_noise = adds_noise
+        self.budget_steps = budget_steps
+        # (update, [(id, version) of each .grad]) after this trainer last wrote them
+        self._last_write: Optional[Tuple[int, List[Tuple[int, int]]]] = None
 
         self.tracked: List[Tuple[str, nn.Module, object]] = []
         covered = set()
@@ -97,6 +138,7 @@ class DPTrainer:
                 continue
             params = sampler.trainable_params(module)
             if params:
+                check_plain_weights(name, module)
                 self.tracked.append((name, module, sampler))
                 covered.update(id(p) for p in params.values())
         uncovered = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
@@ -131,6 +173,29 @@ class DPTrainer:
                 module.recorder = self._new_record
             else:
                 self._hooks.append(module.register_forward_hook(self._record_output))
+
+    def starts_update(self, update_num: int) -> bool:
+        """Whether this micro-batch is the first of a logical batch.
+
+        True when the update number moved on, or when anything touched the
+        gradients since this trainer last wrote them (fairseq's
+        ``zero_grad`` sets them to None; ``zero_grad(set_to_none=False)``
+        zeroes them in place, which bumps the tensor's version counter). An
+        update retried after an out-of-memory error thus draws noise again
+        and is counted again, which is conservative.
+        """
+        if self._last_write is None or self._last_write[0] != update_num:
+            return True
+        return self._last_write[1] != self._grad_versions()
+
+    def _grad_versions(self) -> List[Tuple[int, int]]:
+        return [(-1, -1) if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
+
+    def _noise_generator(self) -> Optional[torch.Generator]:
+        if self.secure_rng:
+            device = self.params[0].device
+            return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        return self.noise_generator
 
     def _new_record(self, module, activation):
         if not self._recording:
@@ -174,11 +239,17 @@ class DPTrainer:
     # ------------------------------------------------------------- the step
     def train_step(self, sample, model, criterion, update_num: int, ignore_grad: bool = False):
         """One micro-batch: returns ``(loss, sample_size, logging_output)`` as
-        ``FairseqTask.train_step`` does, with ``sample_size`` the expected
-        logical batch size on an update's first micro-batch and 0 after it."""
+        ``FairseqTask.train_step`` does. The gradient written is already
+        divided by the expected logical batch size, so ``sample_size`` is 0
+        and fairseq's division by ``(sample_size or 1)`` leaves it alone."""
         model.train()
         model.set_num_updates(update_num)
-        first_micro_batch = all(p.grad is None for p in self.params)
+        first_micro_batch = self.starts_update(update_num)
+        if first_micro_batch and self.budget_steps is not None and self.accountant.steps >= self.budget_steps:
+            raise PrivacyBudgetExhausted(
+                f"DP: the privacy budget is spent: the ledger holds {self.accountant.steps} updates "
+                f"and --dp-max-epsilon allows {self.budget_steps}; refusing to train further"
+            )
         if first_micro_batch or self._carrier_update != update_num:
             self.compute_carriers(update_num)
 
@@ -199,15 +270,18 @@ class DPTrainer:
             summed, nclipped = self._clipped_sums(loss, records)
             logging_output["dp_nclipped"] = nclipped
 
-        std = self.noise_multiplier * self.clip_norm if first_micro_batch else 0.0
+        add_noise = first_micro_batch and self.adds_noise and self.noise_multiplier > 0
+        std = self.noise_multiplier * self.clip_norm
+        generator = self._noise_generator() if add_noise else None
+        scale = 1.0 / self.expected_batch_size
         for (name, module, sampler) in self.tracked:
             values = summed[name] if summed is not None else sampler.zero_sum(module)
-            if std > 0:
-                values = {k: v + gaussian_like(v, std, self.noise_generator) for k, v in values.items()}
-            sampler.accumulate_grad(module, values)
+            if add_noise:
+                values = {k: v + gaussian_like(v, std, generator) for k, v in values.items()}
+            sampler.accumulate_grad(module, {k: v * scale for k, v in values.items()})
         if first_micro_batch and self.accountant.steps < update_num:
-            # resumed run: the ledger is rebuilt from the update count, exact
-            # because σ and q are constant within a run
+            # a checkpoint from before the ledger was saved with the weights:
+            # rebuild it from the update count (σ and q are constant in a run)
             logger.warning(
                 f"DP: ledger has {self.accountant.steps} steps at update {update_num}; "
                 "recording the missing updates at the current σ and q"
@@ -219,10 +293,11 @@ class DPTrainer:
             )
         if first_micro_batch:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self._last_write = (update_num, self._grad_versions())
 
         logging_output["dp_sample"] = 1
-        sample_size = self.expected_batch_size if first_micro_batch else 0
-        return loss.detach(), sample_size, logging_output
+        # already divided by the expected batch size: see the module docstring
+        return loss.detach(), 0, logging_output
 
     def _check_records(self, records) -> None:
         calls: Dict[int, int] = {}

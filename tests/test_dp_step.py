@@ -87,12 +87,12 @@ def carriers_of(model):
 
 def task_step_grads(task, model, criterion, samples):
     """What fairseq's Trainer does around task.train_step: sum micro-batches,
-    divide by the summed sample size (float64; the Trainer's own grad-norm
-    code only takes float32)."""
+    divide by ``(summed sample size or 1)`` (float64; the Trainer's own
+    grad-norm code only takes float32)."""
     for p in model.parameters():
         p.grad = None
     size = sum(task.train_step(s, model, criterion, None, 0)[1] for s in samples)
-    return {n: p.grad / size for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.grad / (size or 1.0) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_update(cfg, task, model, criterion, samples):

@@ -150,7 +150,14 @@ BAD_INPUTS = [
     (["--clip-norm", "1.0"], "keep", "use --clip-norm 0"),
     (["--max-tokens", "100"], "keep", "--max-tokens makes batch sizes"),
     (["--distributed-world-size", "2", "--ddp-backend", "c10d"], "keep",
-     "all-reduces gradients during backward"),
+     "c10d reduces gradients during backward.*needs --ddp-backend legacy_ddp"),
+    (["--distributed-world-size", "2", "--ddp-backend", "fully_sharded"], "keep",
+     "needs --ddp-backend legacy_ddp"),
+    (["--dp-max-epsilon", "0"], "keep", "--dp-max-epsilon must be > 0"),
+    (["--dp-max-epsilon", "-2"], "keep", "--dp-max-epsilon must be > 0"),
+    (["--dp-max-epsilon", "3", "--dp-noise-multiplier", "0"], None, "cannot be met with --dp-noise-multiplier 0"),
+    (["--encoder-layerdrop", "0.1"], "keep", "--encoder-layerdrop skips layers"),
+    (["--spectral-norm-classification-head"], "keep", "reparametrized or changed by a forward pre-hook"),
     (["--criterion", "sentence_prediction"], "keep", "needs --criterion dp_sentence_prediction"),
     (["--rgp-rank", "0"], "keep", "--rgp-rank must be >= 1"),
     (["--rgp-rank", "40"], "keep", "--rgp-rank 40 is invalid for a 32x32 matrix"),
@@ -164,6 +171,15 @@ def test_bad_input_stops_before_training_with_a_clear_message(data, extra, noise
     argv = train_args(data, *extra, noise=noise_args)
     with pytest.raises(ValueError, match=message):
         build(argv)
+
+
+def test_training_example_longer_than_max_positions_is_refused(data, tmp_path, caplog):
+    # fairseq would skip it silently; q = B/N would then count an example
+    # that can never be sampled
+    argv = train_args(data, "--max-update", "1", "--save-dir", str(tmp_path), "--no-save")
+    argv[argv.index("--max-positions") + 1] = "6"
+    with pytest.raises(ValueError, match="longer than max positions 6.*--shorten-method truncate"):
+        run_main(argv, caplog)
 
 
 def test_bad_input_stops_fairseq_train_before_the_first_update(data, tmp_path, caplog):

@@ -8,21 +8,33 @@ The task validates the whole run's setup before anything trains, calibrates
 
 import logging
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
+import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.sentence_prediction import SentencePredictionConfig, SentencePredictionTask
 from omegaconf import II
 
-from ..accounting import PrivacyAccountant, calibrate_noise_multiplier
-from ..trainer import DPTrainer, unwrap_model
+from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
+from ..data.poisson import PoissonEpochBatchIterator, draw_poisson_batches, draws_per_epoch
+from ..trainer import DPTrainer, PrivacyBudgetExhausted, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 ACCOUNTANT_CHOICES = ChoiceEnum(["prv", "rdp"])
-ALL_REDUCE_IN_BACKWARD = ("c10d", "pytorch_ddp", "fully_sharded", "slowmo")
+SAMPLING_CHOICES = ChoiceEnum(["poisson", "shuffle"])
+# backends that reduce gradients only when the trainer asks, after clipping
+REDUCE_AFTER_CLIPPING = ("legacy_ddp", "no_c10d")
+
+
+def data_parallel_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 @dataclass
@@ -50,6 +62,30 @@ class DPSentencePredictionConfig(SentencePredictionConfig):
     dp_accountant: ACCOUNTANT_CHOICES = field(
         default="prv",
         metadata={"help": "privacy accountant: prv (numerical composition) or rdp"},
+    )
+    dp_sampling: SAMPLING_CHOICES = field(
+        default="poisson",
+        metadata={
+            "help": "poisson: every update includes each training example independently with "
+            "probability q = expected logical batch / N, as the accountant assumes (--batch-size "
+            "is then the expected micro-batch size); shuffle: fixed-size batches of a shuffled "
+            "partition, as published DP fine-tuning code does (the reported ε then assumes "
+            "Poisson sampling that did not happen)"
+        },
+    )
+    dp_max_epsilon: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "privacy budget: stop after the last update that keeps ε at most this "
+            "(saving a checkpoint), and refuse to resume a run that has spent it"
+        },
+    )
+    dp_secure_rng: bool = field(
+        default=False,
+        metadata={
+            "help": "draw the noise (and the Poisson samples) from generators seeded from the "
+            "operating system's secure source, not from --seed; runs are then not reproducible"
+        },
     )
 
     # settings of other groups that DP depends on, checked in setup_task
@@ -80,6 +116,8 @@ def check_dp_config(cfg) -> None:
         errors.append(f"--dp-target-epsilon must be > 0, got {target}")
     if target is not None and not (cfg.max_epoch > 0 or cfg.max_update > 0):
         errors.append("--dp-target-epsilon needs the number of updates: set --max-epoch or --max-update")
+    if cfg.dp_max_epsilon is not None and not cfg.dp_max_epsilon > 0:
+        errors.append(f"--dp-max-epsilon must be > 0, got {cfg.dp_max_epsilon}")
     if not 0 < cfg.dp_delta < 1:
         errors.append(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
     if not cfg.dp_clip_norm > 0:
@@ -105,13 +143,11 @@ def check_dp_config(cfg) -> None:
         )
     if len(set(cfg.update_freq)) > 1:
         errors.append("--update-freq must be one value with DP (the logical batch size is fixed)")
-    if cfg.distributed_world_size > 1:
-        if cfg.ddp_backend in ALL_REDUCE_IN_BACKWARD:
-            errors.append(
-                f"--ddp-backend {cfg.ddp_backend} all-reduces gradients during backward, before "
-                "per-example clipping; DP needs --ddp-backend legacy_ddp"
-            )
-        errors.append("multi-worker DP training is not supported yet: use --distributed-world-size 1")
+    if cfg.distributed_world_size > 1 and cfg.ddp_backend not in REDUCE_AFTER_CLIPPING:
+        errors.append(
+            f"--ddp-backend {cfg.ddp_backend} reduces gradients during backward (or shards "
+            "them), before per-example clipping; multi-worker DP needs --ddp-backend legacy_ddp"
+        )
     if errors:
         raise ValueError("invalid DP configuration:\n  - " + "\n  - ".join(errors))
 
@@ -126,6 +162,12 @@ class DPSentencePredictionTask(SentencePredictionTask):
         self.noise_multiplier: Optional[float] = None
         self.sample_rate: Optional[float] = None
         self.dp_trainer: Optional[DPTrainer] = None
+        self.train_size: Optional[int] = None
+        self.budget_steps: Optional[int] = None
+        self._stop_update_set = False
+        # Poisson draws are a function of this and the epoch; from --seed they
+        # are reproducible (and exactly resumable), from the OS they are secret
+        self._sampling_seed: Optional[int] = None if cfg.dp_secure_rng else int(cfg.seed)
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -134,11 +176,21 @@ class DPSentencePredictionTask(SentencePredictionTask):
 
     @property
     def expected_batch_size(self) -> int:
-        return self.cfg.batch_size * self.cfg.update_freq[0] * max(self.cfg.distributed_world_size, 1)
+        return self.cfg.batch_size * self.cfg.update_freq[0] * self.world_size
+
+    @property
+    def world_size(self) -> int:
+        return max(self.cfg.distributed_world_size, 1)
+
+    def updates_per_epoch(self, dataset_size: int) -> int:
+        if self.cfg.dp_sampling == "poisson":
+            return draws_per_epoch(dataset_size, self.expected_batch_size)
+        # fairseq shards the batches over workers, then groups --update-freq of them
+        batches = math.ceil(dataset_size / self.cfg.batch_size)
+        return math.ceil(math.ceil(batches / self.world_size) / self.cfg.update_freq[0])
 
     def planned_updates(self, dataset_size: int) -> Optional[int]:
-        batches = math.ceil(dataset_size / self.cfg.batch_size)
-        per_epoch = math.ceil(batches / self.cfg.update_freq[0])
+        per_epoch = self.updates_per_epoch(dataset_size)
         limits = [self.cfg.max_epoch * per_epoch] if self.cfg.max_epoch > 0 else []
         limits += [self.cfg.max_update] if self.cfg.max_update > 0 else []
         return min(limits) if limits else None
@@ -179,19 +231,72 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 "DP: --dp-noise-multiplier 0: per-example clipping without noise. "
                 "THIS RUN IS NOT PRIVATE (ε = inf)."
             )
-        logger.info(
-            "DP: the accountant assumes Poisson sampling at rate q; this run draws "
-            "shuffled fixed-size batches, as the published DP fine-tuning code does"
-        )
+        if self.cfg.dp_sampling == "shuffle":
+            logger.warning(
+                "DP: --dp-sampling shuffle: the reported ε assumes Poisson sampling at rate q, "
+                "but this run draws shuffled fixed-size batches (as published DP fine-tuning "
+                "code does); use --dp-sampling poisson for a guarantee that holds"
+            )
+        if not self.cfg.dp_secure_rng:
+            logger.info(
+                "DP: noise and samples come from generators seeded by --seed; anyone who knows "
+                "the seed can reproduce them. Use --dp-secure-rng for a deployment"
+            )
+        self.train_size = dataset_size
+        self.configure_budget(updates)
         if self.dp_trainer is not None:
             self._configure_trainer(self.dp_trainer)
+
+    def configure_budget(self, planned_updates: Optional[int]) -> None:
+        """With --dp-max-epsilon: how many ledger steps the budget allows,
+        counting what the ledger (restored with the weights) already holds."""
+        max_eps = self.cfg.dp_max_epsilon
+        if max_eps is None:
+            return
+        if self.noise_multiplier == 0:
+            raise ValueError("--dp-max-epsilon cannot be met with --dp-noise-multiplier 0 (ε = inf)")
+        spent = self.accountant.get_epsilon(self.cfg.dp_delta)
+        allowed = self.accountant.steps_within_budget(
+            max_eps,
+            self.cfg.dp_delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            limit=None if planned_updates is None else planned_updates + 1,
+        )
+        if allowed == 0:
+            raise PrivacyBudgetExhausted(
+                f"DP: the privacy budget is spent: the weights' ledger holds {self.accountant.steps} "
+                f"updates (ε = {spent:.4g} at δ = {self.cfg.dp_delta}), and one more update would "
+                f"exceed --dp-max-epsilon {max_eps}. Refusing to train; raise the budget knowingly "
+                "or start from weights that have not seen this data"
+            )
+        self.budget_steps = self.accountant.steps + allowed
+        if planned_updates is None or allowed < planned_updates:
+            eps_last = self.accountant.epsilon_after(
+                self.cfg.dp_delta, noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate, num_steps=allowed,
+            )
+            logger.info(
+                f"DP: --dp-max-epsilon {max_eps}: the budget allows {allowed} more updates "
+                f"(ε = {eps_last:.4g} after them); training stops there"
+            )
 
     def _configure_trainer(self, dp_trainer: DPTrainer) -> None:
         dp_trainer.noise_multiplier = self.noise_multiplier
         dp_trainer.sample_rate = self.sample_rate
+        dp_trainer.budget_steps = self.budget_steps
+        dp_trainer.secure_rng = bool(self.cfg.dp_secure_rng)
+        # one worker adds the noise; legacy_ddp's sum then holds it once
+        dp_trainer.adds_noise = data_parallel_rank() == 0
 
     def build_model(self, cfg, from_checkpoint=False):
+        if getattr(cfg, "encoder_layerdrop", 0) > 0:
+            raise ValueError(
+                "--encoder-layerdrop skips layers at random, so a skipped layer's per-example "
+                "gradients are missing from that update; use --encoder-layerdrop 0 with DP"
+            )
         model = super().build_model(cfg, from_checkpoint)
+        keep_ledger_with_weights(model, self.accountant)
         self.dp_trainer = self._make_dp_trainer(model)
         return model
 
@@ -220,11 +325,72 @@ class DPSentencePredictionTask(SentencePredictionTask):
             )
         return criterion
 
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        if dataset is not self.datasets.get(self.cfg.train_subset):
+            return super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+        kept, ignored = dataset.filter_indices_by_size(indices, max_positions)
+        if len(ignored) > 0:
+            # q = expected batch / N counts every training example; one that is
+            # silently dropped would make q (and ε) wrong
+            raise ValueError(
+                f"DP: {len(ignored)} training examples are longer than max positions "
+                f"{max_positions} (first ids {list(ignored[:5])}); fairseq would skip them, "
+                "which the privacy accounting cannot allow. Use --shorten-method truncate, or "
+                "remove them from the training data"
+            )
+        return kept
+
     def get_batch_iterator(self, dataset, **kwargs):
-        if dataset is self.datasets.get(self.cfg.train_subset):
-            # fairseq rounds batch sizes down to this multiple; DP needs exactly --batch-size
-            kwargs["required_batch_size_multiple"] = 1
-        return super().get_batch_iterator(dataset, **kwargs)
+        if dataset is not self.datasets.get(self.cfg.train_subset):
+            return super().get_batch_iterator(dataset, **kwargs)
+        # fairseq rounds batch sizes down to this multiple; DP needs exactly --batch-size
+        kwargs["required_batch_size_multiple"] = 1
+        if self.cfg.dp_sampling != "poisson":
+            return super().get_batch_iterator(dataset, **kwargs)
+        return self._poisson_batch_iterator(dataset, **kwargs)
+
+    def _poisson_batch_iterator(
+        self, dataset, max_positions=None, num_shards=1, shard_id=0, num_workers=0,
+        epoch=1, data_buffer_size=0, **unused,
+    ):
+        num_examples = len(dataset)
+        if max_positions is not None:
+            self.filter_indices_by_size(np.arange(num_examples), dataset, max_positions)
+        if num_shards != self.world_size:
+            raise ValueError(f"DP: {num_shards} data shards but --distributed-world-size {self.world_size}")
+        seed = self.sampling_seed()
+        chunks = num_shards * self.cfg.update_freq[0]
+        draws = draws_per_epoch(num_examples, self.expected_batch_size)
+        q = self.sample_rate
+
+        def batches_for_epoch(dataset, epoch):
+            rng = np.random.default_rng([seed, epoch])
+            return draw_poisson_batches(num_examples, q, draws, chunks, rng)
+
+        dataset.set_epoch(epoch)
+        return PoissonEpochBatchIterator(
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=batches_for_epoch,
+            seed=seed,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+        )
+
+    def sampling_seed(self) -> int:
+        """The seed of the Poisson draws: --seed, or with --dp-secure-rng a
+        secret from the OS, drawn once per process and shared by all workers
+        (their draws must agree) but never saved, so a resumed run draws its
+        remaining batches afresh (independent draws, same guarantee)."""
+        if self._sampling_seed is None:
+            seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(seed, src=0)
+            self._sampling_seed = int(seed.item())
+        return self._sampling_seed
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if self.noise_multiplier is None:
@@ -235,16 +401,38 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if self.dp_trainer is None or self.dp_trainer.model is not unwrap_model(model):
             self.dp_trainer = self._make_dp_trainer(model)
         self._configure_trainer(self.dp_trainer)
-        return self.dp_trainer.train_step(sample, model, criterion, update_num, ignore_grad)
+        self._stop_at_budget(update_num)
+        steps_before = self.accountant.steps
+        result = self.dp_trainer.train_step(sample, model, criterion, update_num, ignore_grad)
+        if self.budget_steps is not None and steps_before < self.budget_steps == self.accountant.steps:
+            logger.info(
+                f"DP: privacy budget reached: ε = {self.accountant.get_epsilon(self.cfg.dp_delta):.4g} "
+                f"after this update, and one more would exceed --dp-max-epsilon "
+                f"{self.cfg.dp_max_epsilon}; stopping"
+            )
+        return result
+
+    def _stop_at_budget(self, update_num: int) -> None:
+        """Lower fairseq's --max-update to the last update within
+        --dp-max-epsilon, so the training loop stops there and saves a
+        checkpoint as it does at any --max-update."""
+        if self.budget_steps is None or self._stop_update_set:
+            return
+        self._stop_update_set = True
+        stop = update_num + (self.budget_steps - self.accountant.steps)
+        root = self.cfg._get_root() if hasattr(self.cfg, "_get_root") else None
+        optimization = getattr(root, "optimization", None)
+        if optimization is None:
+            return  # no fairseq training loop to stop; the DP trainer still refuses
+        if not optimization.max_update or stop < optimization.max_update:
+            optimization.max_update = stop
+            logger.info(
+                f"DP: --dp-max-epsilon {self.cfg.dp_max_epsilon}: training stops after update "
+                f"{stop}, the last one within the privacy budget"
+            )
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         if any("dp_sample" in log for log in logging_outputs):
             criterion.report_privacy(logging_outputs)
 
-    def state_dict(self):
-        return {"dp_accountant": self.accountant.state_dict()}
-
-    def load_state_dict(self, state_dict):
-        if "dp_accountant" in state_dict:
-            self.accountant.load_state_dict(state_dict["dp_accountant"])

@@ -1,0 +1,61 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""Poisson sampling of logical batches, as the privacy accountant assumes.
+
+Every update draws its logical batch afresh: each training example is in it
+independently with probability q. One draw serves the whole update across
+all workers and ``--update-freq`` micro-batches: it is split into
+``world_size × update_freq`` chunks laid out so that fairseq's own sharding
+(``batches[rank::world_size]``) and grouping (``update_freq`` consecutive
+batches per rank) hand every chunk of draw ``t`` to update ``t``, and no
+example twice.
+
+An "epoch" is ``ceil(N / expected batch)`` such draws, so ``--max-epoch``
+keeps its meaning on average. The draws of an epoch are a function of
+(seed, epoch), so a run resumed mid-epoch sees the same batches as an
+uninterrupted one.
+"""
+
+import math
+from typing import List, Sequence
+
+import numpy as np
+from fairseq.data import iterators
+
+
+def draw_poisson_batches(
+    num_examples: int, sample_rate: float, num_draws: int, num_chunks: int, rng: np.random.Generator
+) -> List[List[int]]:
+    """``num_draws`` Poisson samples of ``range(num_examples)`` at rate
+    ``sample_rate``, each shuffled and split into ``num_chunks`` (possibly
+    empty) micro-batches, in draw order."""
+    batches: List[List[int]] = []
+    for _ in range(num_draws):
+        # the size of a Bernoulli(q) subset is Binomial(N, q), and given its
+        # size the subset is uniform: the same law, in O(size) per draw
+        size = int(rng.binomial(num_examples, sample_rate))
+        chosen = rng.choice(num_examples, size=size, replace=False)
+        batches.extend(chunk.tolist() for chunk in np.array_split(chosen, num_chunks))
+    return batches
+
+
+def draws_per_epoch(num_examples: int, expected_batch_size: int) -> int:
+    return max(1, math.ceil(num_examples / expected_batch_size))
+
+
+class PoissonEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's epoch iterator over Poisson draws.
+
+    Batch order is part of the sampling scheme, so fairseq's per-epoch batch
+    shuffling is off. The dummy batch fairseq keeps for workers that have
+    nothing to do must hold real examples, so ``first_batch`` is the first
+    non-empty micro-batch (a Poisson micro-batch may be empty).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable_shuffling"] = True
+        super().__init__(*args, **kwargs)
+
+    @property
+    def first_batch(self):
+        batch: Sequence[int] = next((b for b in self.frozen_batches if len(b) > 0), [0])
+        return self.collate_fn([self.dataset[i] for i in batch])
