@@ -1,0 +1,165 @@
+"""The ledger across restarts, the privacy budget, and the noise generator."""
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fairseq_dp.accounting import PrivacyAccountant
+from fairseq_dp.trainer import PrivacyBudgetExhausted
+
+from helpers import batch, build, data_dir, train_args
+from test_accounting import reference_prv_epsilon
+from test_end_to_end import run_main, summary_value
+
+LOG = ["--log-format", "simple", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return data_dir(tmp_path_factory, n_train=256, n_valid=32)
+
+
+def train_command(data, save_dir, *extra):
+    argv = train_args(data, "--save-dir", str(save_dir), "--save-interval-updates", "2",
+                      "--max-update", "10", *LOG, *extra)
+    return [sys.executable, "-m", "fairseq_cli.train", *argv]
+
+
+def epsilons_by_update(text):
+    """{update: ε} from the train log lines (--log-interval 1)."""
+    found = {}
+    for line in text.splitlines():
+        update, eps = re.search(r"num_updates=(\d+)", line), re.search(r"dp_epsilon=([0-9.]+)", line)
+        if update and eps:
+            found[int(update.group(1))] = float(eps.group(1))
+    return found
+
+
+def final_weights(save_dir):
+    state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"), weights_only=False)
+    return state["model"], state["optimizer_history"][-1]["num_updates"]
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    whole = subprocess.run(train_command(data, tmp_path / "whole"), capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = epsilons_by_update(whole.stdout + whole.stderr)
+    assert sorted(expected) == list(range(1, 11))
+
+    # killed once update 7 is logged: the checkpoint of update 6 is complete
+    proc = subprocess.Popen(train_command(data, tmp_path / "killed"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    before = ""
+    for line in proc.stdout:
+        before += line
+        if re.search(r"num_updates=7\b", line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    _, saved_at = final_weights(tmp_path / "killed")
+    assert saved_at == 6
+
+    resumed = subprocess.run(train_command(data, tmp_path / "killed"), capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout + resumed.stderr
+    assert "Loaded checkpoint" in out
+    got = epsilons_by_update(out)
+    assert sorted(got) == [7, 8, 9, 10]
+    for update, eps in got.items():
+        assert eps == expected[update], update
+    # same draws, same noise, same optimizer state: the same model
+    whole_model, n_whole = final_weights(tmp_path / "whole")
+    resumed_model, n_resumed = final_weights(tmp_path / "killed")
+    assert n_whole == n_resumed == 10
+    for name, value in whole_model.items():
+        torch.testing.assert_close(resumed_model[name], value, rtol=0, atol=1e-6, msg=name)
+    assert resumed_model["dp_ledger"].tolist() == [[1.0, 8 / 256, 10]]
+
+
+def test_reset_optimizer_keeps_the_ledger_of_the_weights(data, tmp_path, caplog):
+    first = tmp_path / "first"
+    run_main(train_args(data, "--max-update", "4", "--save-dir", str(first), *LOG), caplog)
+    # a new run from those weights restarts fairseq's update count at 0, but
+    # the privacy they spent is still spent
+    messages = run_main(train_args(
+        data, "--max-update", "4", "--save-dir", str(tmp_path / "second"), *LOG,
+        "--restore-file", str(first / "checkpoint_last.pt"),
+        "--reset-optimizer", "--reset-dataloader", "--reset-meters"), caplog)
+    assert summary_value(messages, "num_updates") == 4
+    expected = PrivacyAccountant("prv")
+    expected.step(noise_multiplier=1.0, sample_rate=8 / 256, num_steps=8)
+    assert summary_value(messages, "dp_epsilon") == pytest.approx(expected.get_epsilon(1e-5), abs=1e-3)
+
+
+def test_budget_stops_at_the_last_update_within_it_and_refuses_to_resume(data, tmp_path, caplog):
+    budget = 1.0
+    common = ["--max-epoch", "5", "--save-dir", str(tmp_path), "--dp-max-epsilon", str(budget), *LOG]
+    messages = run_main(train_args(data, *common), caplog)
+    stop = int(summary_value(messages, "num_updates"))
+    assert stop < 5 * 32
+    assert any("privacy budget reached" in m for m in messages)
+    # an independent accountant agrees that update `stop` is the last within budget
+    assert reference_prv_epsilon(1.0, 8 / 256, stop, 1e-5) <= budget + 0.02
+    assert reference_prv_epsilon(1.0, 8 / 256, stop + 1, 1e-5) > budget - 0.02
+    assert summary_value(messages, "dp_epsilon") <= budget
+    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == stop
+
+    with pytest.raises(PrivacyBudgetExhausted, match="budget is spent"):
+        run_main(train_args(data, *common[:-len(LOG)], "--max-epoch", "6", *LOG), caplog)
+    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == stop
+
+
+def noisy_grads(task, model, criterion, update_num):
+    task.train_step(batch(task, size=8), model, criterion, None, update_num)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_zeroing_grads_in_place_starts_a_new_noisy_update(data):
+    """A Python-API loop with zero_grad(set_to_none=False), and even a frozen
+    update number, still gets noise and a ledger step every update."""
+    _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e-8"))
+    first = noisy_grads(task, model, criterion, 0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    second = noisy_grads(task, model, criterion, 0)
+    assert task.accountant.steps == 2
+    head = "classification_heads.sentence_classification_head.dense.weight"
+    # clip ~0: the gradient is the noise alone, std σC/B with C = 1e-8
+    for grads in (first, second):
+        assert grads[head].std().item() == pytest.approx(1e-8 / 8, rel=0.15)
+    assert not torch.equal(first[head], second[head])
+
+
+def test_secure_rng_noise_is_not_a_function_of_the_seed(data):
+    def head_grad(secure):
+        extra = ["--dp-secure-rng"] if secure else []
+        _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e-8", *extra))
+        torch.manual_seed(123)  # what fairseq does before every update
+        grads = noisy_grads(task, model, criterion, 0)
+        return grads["classification_heads.sentence_classification_head.dense.weight"], task
+
+    plain_a, task_a = head_grad(False)
+    plain_b, task_b = head_grad(False)
+    assert torch.equal(plain_a, plain_b)
+    assert task_a.sampling_seed() == task_b.sampling_seed() == 1
+    secure_a, task_a = head_grad(True)
+    secure_b, task_b = head_grad(True)
+    assert not torch.equal(secure_a, secure_b)
+    assert task_a.sampling_seed() != task_b.sampling_seed()
+    # still N(0, σ²C²) / B
+    for g in (secure_a, secure_b):
+        assert g.std().item() == pytest.approx(1e-8 / 8, rel=0.15)
+        assert abs(g.mean().item()) < 4 * 1e-8 / 8 / math.sqrt(g.numel())
