@@ -6,7 +6,10 @@ entries, as in opacus. ε is computed on demand and cached per ledger state,
 because a PRV evaluation takes about half a second.
 """
 
+import hashlib
 import math
+import struct
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -120,6 +123,7 @@ class PrivacyAccountant:
 
 
 LEDGER_KEY = "dp_ledger"
+DIGEST_KEY = "dp_ledger_digest"
 
 
 def history_to_tensor(history: List[Tuple[float, float, int]]) -> torch.Tensor:
@@ -131,6 +135,15 @@ def history_from_tensor(t: torch.Tensor) -> List[Tuple[float, float, int]]:
     return [(float(sigma), float(q), int(n)) for sigma, q, n in t.reshape(-1, 3).tolist()]
 
 
+def ledger_digest(ledger: torch.Tensor) -> torch.Tensor:
+    digest = hashlib.sha256(ledger.to(torch.float64).contiguous().numpy().tobytes()).digest()
+    return torch.tensor(list(struct.unpack("<4q", digest)), dtype=torch.int64)
+
+
+class LedgerMismatch(ValueError):
+    """A checkpoint's ledger does not match its digest."""
+
+
 def keep_ledger_with_weights(model: nn.Module, accountant: "PrivacyAccountant") -> None:
     """Save the ledger in the model's state dict, and restore it on load.
 
@@ -140,16 +153,38 @@ def keep_ledger_with_weights(model: nn.Module, accountant: "PrivacyAccountant") 
     weights that spent it, so it travels under ``dp_ledger`` in the model
     state. A checkpoint without that key (a pretrained or non-private model)
     loads strictly as before and leaves the ledger as it is.
+
+    Tools that treat the model state as numbers would corrupt the ledger:
+    averaging checkpoints (fairseq's ``average_checkpoints.py``) would average
+    step counts, although an average of weights has spent the privacy of its
+    latest member. A digest stored beside the ledger catches that on load.
+    The hooks act on this model object only: copies made with ``deepcopy``
+    (fairseq's EMA model) carry neither key and never touch the ledger.
     """
-    key = LEDGER_KEY
+    owner = weakref.ref(model)
 
     def save(module, state_dict, prefix, local_metadata):
-        state_dict[prefix + key] = history_to_tensor(accountant.history)
+        if module is not owner():
+            return
+        ledger = history_to_tensor(accountant.history)
+        state_dict[prefix + LEDGER_KEY] = ledger
+        state_dict[prefix + DIGEST_KEY] = ledger_digest(ledger)
 
     def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        saved: Optional[torch.Tensor] = state_dict.pop(prefix + key, None)
-        if saved is not None:
-            accountant.load_state_dict({"mechanism": accountant.mechanism, "history": history_from_tensor(saved)})
+        if module is not owner():
+            return
+        saved: Optional[torch.Tensor] = state_dict.pop(prefix + LEDGER_KEY, None)
+        digest: Optional[torch.Tensor] = state_dict.pop(prefix + DIGEST_KEY, None)
+        if saved is None:
+            return
+        if digest is None or not torch.equal(digest.to(torch.int64), ledger_digest(saved)):
+            raise LedgerMismatch(
+                "the privacy ledger saved with these weights (dp_ledger) does not match its "
+                "digest: the checkpoint was averaged or edited. An average of checkpoints has "
+                "spent the privacy of its latest member; average the weights only and account "
+                "with the latest checkpoint's ledger"
+            )
+        accountant.load_state_dict({"mechanism": accountant.mechanism, "history": history_from_tensor(saved)})
 
     model.register_state_dict_post_hook(save)
     model.register_load_state_dict_pre_hook(load)

@@ -33,6 +33,7 @@ import logging
 import secrets
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # numerical floor of the clip factor's denominator, as in opacus
 CLIP_STABILITY = 1e-6
+# keeps the noise's seed sequence apart from other streams seeded by --seed
+NOISE_STREAM = 0x6E6F697365
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -90,8 +93,12 @@ class DPTrainer:
         sample_rate: q, recorded in the ledger with each step.
         seed: seeds power iteration (with the update number), so carriers are
             the same on every worker without communication.
-        noise_generator: generator for the noise; ``None`` uses torch's global
-            generator (which fairseq reseeds from ``--seed`` every update).
+        noise_generator: a generator for the noise, used as it is (tests).
+            ``None``: a generator seeded from (seed, the update's index in the
+            ledger), so noise is reproducible and resumes exactly, and never
+            repeats when training continues from weights that already carry
+            a ledger (fairseq's update count restarts there, the ledger does
+            not).
         secure_rng: reseed the noise generator from the operating system's
             secure source (``secrets``) at every update, so knowing ``--seed``
             does not reveal the noise.
@@ -191,11 +198,28 @@ class DPTrainer:
     def _grad_versions(self) -> List[Tuple[int, int]]:
         return [(-1, -1) if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
 
-    def _noise_generator(self) -> Optional[torch.Generator]:
+    def _noise_generator(self) -> torch.Generator:
+        device = self.params[0].device
         if self.secure_rng:
-            device = self.params[0].device
             return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-        return self.noise_generator
+        if self.noise_generator is not None:
+            return self.noise_generator
+        seed = np.random.SeedSequence([self.seed, self.accountant.steps, NOISE_STREAM]).generate_state(1, np.uint64)[0]
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    def catch_up_ledger(self, update_num: int) -> None:
+        """A checkpoint from before the ledger was saved with the weights has
+        none: record its updates at the current σ and q (constant in a run)."""
+        if self.accountant.steps < update_num:
+            logger.warning(
+                f"DP: ledger has {self.accountant.steps} steps at update {update_num}; "
+                "recording the missing updates at the current σ and q"
+            )
+            self.accountant.step(
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                num_steps=update_num - self.accountant.steps,
+            )
 
     def _new_record(self, module, activation):
         if not self._recording:
@@ -245,6 +269,8 @@ class DPTrainer:
         model.train()
         model.set_num_updates(update_num)
         first_micro_batch = self.starts_update(update_num)
+        if first_micro_batch:
+            self.catch_up_ledger(update_num)
         if first_micro_batch and self.budget_steps is not None and self.accountant.steps >= self.budget_steps:
             raise PrivacyBudgetExhausted(
                 f"DP: the privacy budget is spent: the ledger holds {self.accountant.steps} updates "
@@ -264,7 +290,10 @@ class DPTrainer:
 
         nsentences = int(logging_output.get("nsentences", 0))
         if ignore_grad or nsentences == 0:
+            # fairseq's dummy batch holds real examples: count none of them
             loss = loss.detach() * 0
+            logging_output = {k: v * 0 if isinstance(v, (int, float, Tensor)) else v
+                              for k, v in logging_output.items()}
             summed = None
         else:
             summed, nclipped = self._clipped_sums(loss, records)
@@ -279,18 +308,6 @@ class DPTrainer:
             if add_noise:
                 values = {k: v + gaussian_like(v, std, generator) for k, v in values.items()}
             sampler.accumulate_grad(module, {k: v * scale for k, v in values.items()})
-        if first_micro_batch and self.accountant.steps < update_num:
-            # a checkpoint from before the ledger was saved with the weights:
-            # rebuild it from the update count (σ and q are constant in a run)
-            logger.warning(
-                f"DP: ledger has {self.accountant.steps} steps at update {update_num}; "
-                "recording the missing updates at the current σ and q"
-            )
-            self.accountant.step(
-                noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate,
-                num_steps=update_num - self.accountant.steps,
-            )
         if first_micro_batch:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._last_write = (update_num, self._grad_versions())

@@ -154,6 +154,8 @@ BAD_INPUTS = [
     (["--distributed-world-size", "2", "--ddp-backend", "fully_sharded"], "keep",
      "needs --ddp-backend legacy_ddp"),
     (["--dp-max-epsilon", "0"], "keep", "--dp-max-epsilon must be > 0"),
+    (["--use-bmuf"], "keep", "--use-bmuf steps every worker on its own gradients"),
+    (["--batch-size", "300"], "keep", r"expected logical batch .* is larger than the training set \(256"),
     (["--dp-max-epsilon", "-2"], "keep", "--dp-max-epsilon must be > 0"),
     (["--dp-max-epsilon", "3", "--dp-noise-multiplier", "0"], None, "cannot be met with --dp-noise-multiplier 0"),
     (["--encoder-layerdrop", "0.1"], "keep", "--encoder-layerdrop skips layers"),

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from fairseq_dp.accounting import PrivacyAccountant
+from opacus.accountants import PRVAccountant as OpacusPRV
+
+from fairseq_dp.accounting import LedgerMismatch, PrivacyAccountant
 from fairseq_dp.trainer import PrivacyBudgetExhausted
 
 from helpers import batch, build, data_dir, train_args
@@ -108,7 +110,15 @@ def test_budget_stops_at_the_last_update_within_it_and_refuses_to_resume(data, t
     stop = int(summary_value(messages, "num_updates"))
     assert stop < 5 * 32
     assert any("privacy budget reached" in m for m in messages)
-    # an independent accountant agrees that update `stop` is the last within budget
+    # update `stop` is the last within budget: opacus's accountant evaluated
+    # directly at every count (the run found it by bisection), and Microsoft's
+    # PRV accountant within its error
+    def opacus_eps(steps):
+        accountant = OpacusPRV()
+        accountant.history = [(1.0, 8 / 256, steps)]
+        return accountant.get_epsilon(delta=1e-5)
+
+    assert opacus_eps(stop) <= budget < opacus_eps(stop + 1)
     assert reference_prv_epsilon(1.0, 8 / 256, stop, 1e-5) <= budget + 0.02
     assert reference_prv_epsilon(1.0, 8 / 256, stop + 1, 1e-5) > budget - 0.02
     assert summary_value(messages, "dp_epsilon") <= budget
@@ -163,3 +173,69 @@ def test_secure_rng_noise_is_not_a_function_of_the_seed(data):
     for g in (secure_a, secure_b):
         assert g.std().item() == pytest.approx(1e-8 / 8, rel=0.15)
         assert abs(g.mean().item()) < 4 * 1e-8 / 8 / math.sqrt(g.numel())
+
+
+def test_continuing_from_weights_with_a_ledger_draws_new_batches_and_noise(data):
+    """fairseq's update count and epoch restart when a run continues from DP
+    weights (--reset-optimizer, --finetune-from-model); seeded by them alone,
+    the batches and the noise would repeat the first run's, and the
+    difference of two updates would cancel the noise."""
+    def first_update(ledger_steps):
+        _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e-8"))
+        task.accountant.step(noise_multiplier=1.0, sample_rate=task.sample_rate, num_steps=ledger_steps)
+        itr = task.get_batch_iterator(task.dataset("train"), max_sentences=8, max_positions=64, epoch=1)
+        draw = next(itr.next_epoch_itr(shuffle=True))["id"].tolist()
+        head = noisy_grads(task, model, criterion, 0)[
+            "classification_heads.sentence_classification_head.dense.weight"]
+        return draw, head
+
+    draw_a, noise_a = first_update(0)
+    draw_a2, noise_a2 = first_update(0)
+    draw_b, noise_b = first_update(4)
+    assert draw_a == draw_a2 and torch.equal(noise_a, noise_a2)  # reproducible
+    assert draw_a != draw_b
+    assert not torch.equal(noise_a, noise_b)
+
+
+def test_averaged_checkpoint_ledger_is_refused_and_ema_copies_leave_it_alone(data):
+    import copy
+
+    _, task, model, _ = build(train_args(data))
+    task.accountant.step(noise_multiplier=1.0, sample_rate=task.sample_rate, num_steps=100)
+    early = model.state_dict()
+    task.accountant.step(noise_multiplier=1.0, sample_rate=task.sample_rate, num_steps=100)
+    late = model.state_dict()
+    assert late["dp_ledger"].tolist() == [[1.0, task.sample_rate, 200]]
+    # fairseq's average_checkpoints.py: floats averaged, integers floor-divided
+    averaged = {k: (early[k] + late[k]) / 2 if late[k].is_floating_point() else (early[k] + late[k]) // 2
+                for k in late}
+    with pytest.raises(LedgerMismatch, match="averaged or edited"):
+        model.load_state_dict(averaged)
+    model.load_state_dict(late)  # the untouched checkpoint loads
+    assert task.accountant.steps == 200
+
+    # fairseq's EMA keeps a deepcopy and loads states into it every update
+    ema = copy.deepcopy(model)
+    assert "dp_ledger" not in ema.state_dict()
+    ema.load_state_dict({k: v.float() for k, v in model.state_dict().items() if not k.startswith("dp_")})
+    assert task.accountant.history == [(1.0, task.sample_rate, 200)]
+
+
+def test_division_is_by_the_expected_batch_not_the_drawn_one(data):
+    """A Poisson micro-batch of 5 when 8 are expected: the gradient is the sum
+    over the 5 examples divided by 8 (here, with nothing clipped, the plain
+    gradient of the summed loss, from autograd, divided by 8)."""
+    import copy
+
+    no_dropout = ["--dropout", "0", "--attention-dropout", "0", "--pooler-dropout", "0"]
+    _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e6", *no_dropout,
+                                                 noise=("--dp-noise-multiplier", "0")))
+    sample = batch(task, size=5)
+    reference = copy.deepcopy(model)
+    reference.train()
+    loss, _, _ = criterion(reference, sample)
+    head = "classification_heads.sentence_classification_head.dense.weight"
+    expected = torch.autograd.grad(loss, dict(reference.named_parameters())[head])[0] / 8
+    task.train_step(sample, model, criterion, None, 0)
+    got = dict(model.named_parameters())[head].grad
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

@@ -67,8 +67,10 @@ def test_each_update_gets_one_draw_split_over_workers_and_micro_batches(data, wo
                                       shard_id=rank, epoch=3, seed=1)
         groups = iterators.GroupedIterator(itr.next_epoch_itr(shuffle=True), update_freq)
         per_rank.append([[s.get("id", torch.empty(0, dtype=torch.long)).tolist() for s in g] for g in groups])
-    expected = draw_poisson_batches(256, q, len(per_rank[0]), world_size * update_freq,
-                                    np.random.default_rng([1, 3]))
+    # update t's draw comes from (seed, t): a fresh ledger starts at t = 0
+    chunks = world_size * update_freq
+    expected = [b for t in range(len(per_rank[0]))
+                for b in draw_poisson_batches(256, q, 1, chunks, np.random.default_rng([1, t]))]
     for t in range(len(per_rank[0])):
         got = sorted(i for rank in per_rank for i in sum(rank[t], []))
         draw = sorted(sum(expected[t * world_size * update_freq:(t + 1) * world_size * update_freq], []))

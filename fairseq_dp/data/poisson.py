@@ -10,13 +10,15 @@ batches per rank) hand every chunk of draw ``t`` to update ``t``, and no
 example twice.
 
 An "epoch" is ``ceil(N / expected batch)`` such draws, so ``--max-epoch``
-keeps its meaning on average. The draws of an epoch are a function of
-(seed, epoch), so a run resumed mid-epoch sees the same batches as an
-uninterrupted one.
+keeps its meaning on average. Draw ``t`` of the privacy ledger (its t-th
+update) is a function of (seed, t) alone: a run resumed mid-epoch sees the
+batches of an uninterrupted one, and a run that continues from weights
+carrying a ledger (fairseq's epoch and update counts restart there) draws
+new batches instead of repeating the first run's.
 """
 
 import math
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 from fairseq.data import iterators
@@ -45,15 +47,38 @@ def draws_per_epoch(num_examples: int, expected_batch_size: int) -> int:
 class PoissonEpochBatchIterator(iterators.EpochBatchIterator):
     """fairseq's epoch iterator over Poisson draws.
 
+    ``batch_sampler(first_draw)`` gives the micro-batches of one epoch whose
+    first draw is the ledger's update ``first_draw``: the ledger's step count
+    when the epoch starts, less the updates already taken from it when a run
+    resumes mid-epoch (fairseq counts those in ``update_freq`` micro-batches).
+
     Batch order is part of the sampling scheme, so fairseq's per-epoch batch
     shuffling is off. The dummy batch fairseq keeps for workers that have
     nothing to do must hold real examples, so ``first_batch`` is the first
     non-empty micro-batch (a Poisson micro-batch may be empty).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, batch_sampler: Callable[[int], List[List[int]]], ledger, update_freq: int, **kwargs):
         kwargs["disable_shuffling"] = True
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, batch_sampler=batch_sampler, **kwargs)
+        self.ledger = ledger
+        self.update_freq = update_freq
+        self._first_draw = None
+
+    @property
+    def frozen_batches(self):
+        if self._frozen_batches is None:
+            if self._first_draw is None:
+                self._first_draw = self.ledger.steps
+            self._frozen_batches = tuple(self.batch_sampler(self._first_draw))
+        return self._frozen_batches
+
+    def _get_iterator_for_epoch(self, epoch, shuffle, fix_batches_to_gpus=False, offset=0):
+        first_draw = self.ledger.steps - offset // self.update_freq
+        if first_draw != self._first_draw:
+            self._first_draw = first_draw
+            self._frozen_batches = None
+        return super()._get_iterator_for_epoch(epoch, False, fix_batches_to_gpus, offset)
 
     @property
     def first_batch(self):

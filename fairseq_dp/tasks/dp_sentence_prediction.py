@@ -102,6 +102,7 @@ class DPSentencePredictionConfig(SentencePredictionConfig):
     bf16: bool = II("common.bf16")
     distributed_world_size: int = II("distributed_training.distributed_world_size")
     ddp_backend: str = II("distributed_training.ddp_backend")
+    use_bmuf: bool = II("optimization.use_bmuf")
 
 
 def check_dp_config(cfg) -> None:
@@ -143,6 +144,11 @@ def check_dp_config(cfg) -> None:
         )
     if len(set(cfg.update_freq)) > 1:
         errors.append("--update-freq must be one value with DP (the logical batch size is fixed)")
+    if cfg.use_bmuf:
+        errors.append(
+            "--use-bmuf steps every worker on its own gradients and averages the models later, "
+            "so only worker 0's steps would carry noise; use --ddp-backend legacy_ddp without BMUF"
+        )
     if cfg.distributed_world_size > 1 and cfg.ddp_backend not in REDUCE_AFTER_CLIPPING:
         errors.append(
             f"--ddp-backend {cfg.ddp_backend} reduces gradients during backward (or shards "
@@ -205,6 +211,12 @@ class DPSentencePredictionTask(SentencePredictionTask):
         """Sampling rate and σ for a training set of ``dataset_size`` examples."""
         if dataset_size < 1:
             raise ValueError("the DP training set is empty")
+        if self.expected_batch_size > dataset_size:
+            raise ValueError(
+                f"DP: the expected logical batch (--batch-size × --update-freq × workers = "
+                f"{self.expected_batch_size}) is larger than the training set ({dataset_size} "
+                "examples); make it smaller"
+            )
         self.sample_rate = min(1.0, self.expected_batch_size / dataset_size)
         updates = self.planned_updates(dataset_size)
         if self.cfg.dp_target_epsilon is not None:
@@ -363,15 +375,21 @@ class DPSentencePredictionTask(SentencePredictionTask):
         draws = draws_per_epoch(num_examples, self.expected_batch_size)
         q = self.sample_rate
 
-        def batches_for_epoch(dataset, epoch):
-            rng = np.random.default_rng([seed, epoch])
-            return draw_poisson_batches(num_examples, q, draws, chunks, rng)
+        def batches_for_epoch(first_draw: int):
+            # draw t of the ledger always comes from (seed, t): a resumed run
+            # gets the draws of an uninterrupted one, and a run continuing
+            # from weights with a ledger never repeats their draws
+            return [batch for t in range(first_draw, first_draw + draws)
+                    for batch in draw_poisson_batches(num_examples, q, 1, chunks,
+                                                      np.random.default_rng([seed, t]))]
 
         dataset.set_epoch(epoch)
         return PoissonEpochBatchIterator(
             dataset=dataset,
             collate_fn=dataset.collater,
             batch_sampler=batches_for_epoch,
+            ledger=self.accountant,
+            update_freq=self.cfg.update_freq[0],
             seed=seed,
             num_shards=num_shards,
             shard_id=shard_id,
@@ -401,6 +419,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if self.dp_trainer is None or self.dp_trainer.model is not unwrap_model(model):
             self.dp_trainer = self._make_dp_trainer(model)
         self._configure_trainer(self.dp_trainer)
+        self.dp_trainer.catch_up_ledger(update_num)
         self._stop_at_budget(update_num)
         steps_before = self.accountant.steps
         result = self.dp_trainer.train_step(sample, model, criterion, update_num, ignore_grad)
