@@ -17,11 +17,13 @@ from fairseq.tasks.sentence_prediction import SentencePredictionConfig, Sentence
 from omegaconf import II
 
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier
-from ..trainer import DPTrainer, unwrap_model
+from ..prepare import freeze_patterns, prepare_model_for_dp
+from ..trainer import CLIPPING_MODES, DPTrainer, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 ACCOUNTANT_CHOICES = ChoiceEnum(["prv", "rdp"])
+CLIPPING_CHOICES = ChoiceEnum(list(CLIPPING_MODES))
 ALL_REDUCE_IN_BACKWARD = ("c10d", "pytorch_ddp", "fully_sharded", "slowmo")
 
 
@@ -50,6 +52,24 @@ class DPSentencePredictionConfig(SentencePredictionConfig):
     dp_accountant: ACCOUNTANT_CHOICES = field(
         default="prv",
         metadata={"help": "privacy accountant: prv (numerical composition) or rdp"},
+    )
+
+    # which parameters train privately, and how their per-example gradients are formed
+    dp_clipping: CLIPPING_CHOICES = field(
+        default="ghost",
+        metadata={
+            "help": "ghost: per-example gradient norms without materializing per-example "
+            "gradients where that is cheaper (ghost norms), clipped sums in the same pass "
+            "(book-keeping); materialize: per-example gradients materialized (reference "
+            "path). Both give the same update"
+        },
+    )
+    dp_freeze: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated regular expressions; trainable parameters whose name "
+            "matches one (re.search) are frozen, e.g. 'embed_tokens,embed_positions'"
+        },
     )
 
     # settings of other groups that DP depends on, checked in setup_task
@@ -82,6 +102,10 @@ def check_dp_config(cfg) -> None:
         errors.append("--dp-target-epsilon needs the number of updates: set --max-epoch or --max-update")
     if not 0 < cfg.dp_delta < 1:
         errors.append(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
+    try:
+        freeze_patterns(cfg.dp_freeze)
+    except ValueError as e:
+        errors.append(str(e))
     if not cfg.dp_clip_norm > 0:
         errors.append(f"--dp-clip-norm must be > 0, got {cfg.dp_clip_norm}")
     for flag, value in (("--fp16", cfg.fp16), ("--memory-efficient-fp16", cfg.memory_efficient_fp16),
@@ -192,6 +216,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
         self.dp_trainer = self._make_dp_trainer(model)
         return model
 
@@ -204,6 +229,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
             expected_batch_size=self.expected_batch_size,
             sample_rate=self.sample_rate,
             seed=self.cfg.seed,
+            clipping=self.cfg.dp_clipping,
         )
         if self.dp_trainer is not None and self.dp_trainer is not dp_trainer:
             self.dp_trainer.remove_hooks()
