@@ -52,8 +52,7 @@ class LayerNormGradSampler(GradSampler):
         grads = {}
         if module.weight is not None and module.weight.requires_grad:
             # Fp32LayerNorm normalizes in float32 whatever the input's dtype
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            xf = x.to(dtype)
+            xf = x.float() if isinstance(module, Fp32LayerNorm) else x
             mean = xf.mean(-1, keepdim=True)
             var = xf.var(-1, unbiased=False, keepdim=True)
             normalized = ((xf - mean) * torch.rsqrt(var + module.eps)).to(g.dtype)
