@@ -76,8 +76,6 @@ class RobertaLoRAModel(RobertaModel):
             raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
         targets = parse_targets(args.lora_targets)
         model = super().build_model(args, task)
-        for param in model.parameters():
-            param.requires_grad_(False)
         for layer in model.modules():
             if not isinstance(layer, TransformerEncoderLayerBase):
                 continue
@@ -89,6 +87,8 @@ class RobertaLoRAModel(RobertaModel):
             # the attention fast path reads q/k/v/out_proj.weight directly and would
             # skip the adapters; this is the switch fairseq checks to call the modules
             layer.self_attn._set_skip_embed_dim_check()
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith((".lora_A", ".lora_B")))
         n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         logger.info(f"roberta_lora: rank {args.lora_rank} on {','.join(targets)}, "
                     f"scale {lora_scaling(args):g}, {n_lora} adapter parameters")
