@@ -1,7 +1,7 @@
 # Copyright (c) fairseq_dp contributors. MIT license.
-"""Model set-up for DP training, done by the task on the built model before
-the DP trainer sees it: which parameters train, where each module's batch
-dimension is, and that every trainable projection is called as a module.
+"""Model set-up for DP training: which parameters train (done by the task on
+the built model), where each module's batch dimension is and that every
+trainable projection is called as a module (done by the DP trainer).
 
 Nothing here edits fairseq's classes: it freezes parameters and sets the
 instance attributes that fairseq itself (``skip_embed_dim_check``) and the
@@ -93,9 +93,15 @@ def force_module_attention(model: nn.Module) -> None:
             module._set_skip_embed_dim_check()
 
 
-def prepare_model_for_dp(model: nn.Module, freeze: Optional[str] = None) -> nn.Module:
-    freeze_matching(model, freeze_patterns(freeze))
-    freeze_unused_lm_head(model)
+def prepare_recording(model: nn.Module) -> None:
+    """What the DP trainer needs to record every tracked module correctly."""
     set_batch_dims(model)
     force_module_attention(model)
+
+
+def prepare_model_for_dp(model: nn.Module, freeze: Optional[str] = None) -> nn.Module:
+    """The task's choice of what trains privately: ``--dp-freeze`` and the
+    unused LM head."""
+    freeze_matching(model, freeze_patterns(freeze))
+    freeze_unused_lm_head(model)
     return model

@@ -32,6 +32,7 @@ from torch import Tensor
 from .accounting import PrivacyAccountant
 from .grad_sample import find_grad_sampler
 from .modules import LowRankLinear, power_iteration
+from .prepare import prepare_recording
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class DPTrainer:
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"--dp-clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
         self.clipping = clipping
+        prepare_recording(model)
         self.model = model
         self.accountant = accountant
         self.clip_norm = clip_norm
