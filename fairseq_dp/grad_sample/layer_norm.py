@@ -53,8 +53,7 @@ class LayerNormGradSampler(GradSampler):
         if module.weight is not None and module.weight.requires_grad:
             # Fp32LayerNorm normalizes in float32 whatever the input's dtype
             xf = x.float() if isinstance(module, Fp32LayerNorm) else x
-            mean = xf.mean(-1, keepdim=True)
-            var = xf.var(-1, unbiased=False, keepdim=True)
+            var, mean = torch.var_mean(xf, -1, unbiased=False, keepdim=True)
             normalized = ((xf - mean) * torch.rsqrt(var + module.eps)).to(g.dtype)
             grads["weight"] = (g * normalized).sum(1)
         if module.bias is not None and module.bias.requires_grad:
