@@ -156,7 +156,8 @@ class DPTrainer:
         # Each record is [module, input, output gradient]. A
         # LowRankLinear fills it itself (its backward sees the output gradient
         # even when fairseq's attention scales q in place); other modules get
-        # a forward hook and a hook on their output.
+        # a forward hook that records the input and passes the output through
+        # _OutputGradTap.
         self._hooks = list(self._guards)
         self._taps: Dict[int, Tensor] = {}
         for _, module, _ in self.tracked:
@@ -322,7 +323,7 @@ class DPTrainer:
         return [m._tap for m in self.low_rank] + list(self._taps.values())
 
     def _clipped_sums(self, loss: Tensor, records) -> Tuple[Dict[str, Dict[str, Tensor]], int]:
-        # only for the output-gradient hooks; the leaves' own gradients are dropped
+        # only to fill the records' output gradients; the taps' own gradients are dropped
         torch.autograd.grad(loss, self._graph_leaves(), allow_unused=True)
         name_of = {id(m): n for n, m, _ in self.tracked}
         ghost = self.clipping == "ghost"
