@@ -6,17 +6,21 @@ gradient of every trainable parameter and clips it, as private-transformers
 tests its engine."""
 
 import copy
+import logging
 import re
 
 import pytest
 import torch
 import torch.nn as nn
 from fairseq import checkpoint_utils, tasks
+from fairseq.distributed import utils as distributed_utils
 from fairseq.logging import metrics
 from fairseq.models.roberta import RobertaModel
 from fairseq.trainer import Trainer
+from fairseq_cli import train
 
 from fairseq_dp.accounting import PrivacyAccountant
+from fairseq_dp.merge_lora import main as merge_lora_main
 from fairseq_dp.merge_lora import merge_lora_checkpoint
 from fairseq_dp.modules import LoRALinear
 from fairseq_dp.trainer import DPTrainer
@@ -273,3 +277,22 @@ def test_lora_update_changes_the_adapters_and_merges_into_plain_roberta(data, tm
     head = "sentence_classification_head"
     torch.testing.assert_close(merged(tokens, classification_head_name=head)[0],
                                model(tokens, classification_head_name=head)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_args", [FULL + ["--dp-clipping", "ghost"], LORA], ids=["full", "lora"])
+def test_fairseq_train_runs_and_logs_epsilon(data, model_args, tmp_path, caplog):
+    """fairseq-train in-process: a few private updates, ε in the log; for
+    LoRA, the last checkpoint merges (command-line entry) into a plain one."""
+    argv = train_args(data, "--max-update", "3", "--save-dir", str(tmp_path), "--log-format", "simple",
+                      "--log-interval", "1", model=model_args)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        distributed_utils.call_main(parse(argv), train.main)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("dp_epsilon=" in m for m in messages)
+    assert any("num_updates 3" in m or "num_updates=3" in m for m in messages)
+    if "roberta_lora" in model_args:
+        merged = str(tmp_path / "merged.pt")
+        merge_lora_main([str(tmp_path / "checkpoint_last.pt"), merged])
+        models, _, _ = checkpoint_utils.load_model_ensemble_and_task([merged])
+        assert type(models[0]) is RobertaModel
