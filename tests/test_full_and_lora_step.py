@@ -296,3 +296,20 @@ def test_fairseq_train_runs_and_logs_epsilon(data, model_args, tmp_path, caplog)
         merge_lora_main([str(tmp_path / "checkpoint_last.pt"), merged])
         models, _, _ = checkpoint_utils.load_model_ensemble_and_task([merged])
         assert type(models[0]) is RobertaModel
+
+
+def test_lora_size_variants_and_defaults():
+    from argparse import Namespace
+
+    from fairseq_dp.models.roberta_lora import (
+        roberta_lora_base_architecture,
+        roberta_lora_large_architecture,
+    )
+
+    base, large = Namespace(), Namespace()
+    roberta_lora_base_architecture(base)
+    roberta_lora_large_architecture(large)
+    assert (base.encoder_layers, base.encoder_embed_dim) == (12, 768)
+    assert (large.encoder_layers, large.encoder_embed_dim) == (24, 1024)
+    for args in (base, large):
+        assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (16, 16.0, "q,k,v,out,fc1,fc2")
