@@ -12,8 +12,8 @@ and step the optimizer.
 Per micro-batch:
 1. at the first micro-batch of an update, RGP carriers from power iteration;
 2. forward, recording every tracked module's input and output;
-3. one ``autograd.grad`` of the summed loss w.r.t. those outputs (no weight
-   gradient is ever formed by autograd);
+3. one ``autograd.grad`` of the summed loss w.r.t. zero "taps" on those
+   outputs, so autograd forms each output's gradient and no weight gradient;
 4. per-example gradients (or their norms) from the registered rules, one flat
    norm over all of them, clip factors ``min(1, C / (‖g_i‖ + 1e-6))``;
 5. the clipped sum, plus N(0, σ²C²) noise once per logical batch (on the
@@ -31,6 +31,7 @@ then only undoes ``legacy_ddp``'s averaging, and the result is
 
 import logging
 import secrets
+from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -41,6 +42,7 @@ from torch import Tensor
 from .accounting import PrivacyAccountant
 from .grad_sample import find_grad_sampler
 from .modules import LowRankLinear, power_iteration
+from .prepare import prepare_recording
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 CLIP_STABILITY = 1e-6
 # keeps the noise's seed sequence apart from other streams seeded by --seed
 NOISE_STREAM = 0x6E6F697365
+CLIPPING_MODES = ("ghost", "materialize")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -77,6 +80,23 @@ def check_plain_weights(name: str, module: nn.Module) -> None:
             "--spectral-norm-classification-head, weight norm). Remove that option or "
             "freeze the module"
         )
+class _OutputGradTap(torch.autograd.Function):
+    """Identity on a module's output whose backward hands the output gradient
+    to ``record`` (slot 2). A copy, not a view, so that fairseq may change it in
+    place (attention scales q in place; a tensor hook on an output changed in
+    place would see the wrong gradient or none). ``tap`` is a zero leaf: asking
+    autograd for its gradient runs the backward through this output without
+    forming any weight gradient."""
+
+    @staticmethod
+    def forward(ctx, output, tap, record):
+        ctx.record = record
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record[2] = grad.detach()
+        return grad, None, None
 
 
 class DPTrainer:
@@ -106,6 +126,10 @@ class DPTrainer:
             data-parallel run; the others add only their clipped sums).
         budget_steps: the ledger's step count that must not be exceeded
             (``--dp-max-epsilon``); ``None`` for no limit.
+        clipping: ``ghost`` (per-example norms without materializing
+            per-example gradients where that is cheaper, clipped sums by
+            book-keeping) or ``materialize`` (the reference path); both give
+            the same update.
     """
 
     def __init__(
@@ -122,7 +146,12 @@ class DPTrainer:
         secure_rng: bool = False,
         adds_noise: bool = True,
         budget_steps: Optional[int] = None,
+        clipping: str = "ghost",
     ):
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"--dp-clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
+        self.clipping = clipping
+        prepare_recording(model)
         self.model = model
         self.accountant = accountant
         self.clip_norm = clip_norm
@@ -154,12 +183,13 @@ class DPTrainer:
                 "DP training needs a per-example gradient rule for every trainable "
                 f"parameter, and these have none: {', '.join(uncovered[:8])}"
                 + (f" (and {len(uncovered) - 8} more)" if len(uncovered) > 8 else "")
-                + ". Freeze them (requires_grad=False) or use an architecture built "
-                "for DP such as --arch roberta_rgp."
+                + ". Freeze them (--dp-freeze PATTERN, or requires_grad=False) or use "
+                "an architecture built for DP such as --arch roberta_rgp or roberta_lora."
             )
         if not self.tracked:
             raise ValueError("DP training found no trainable parameter")
         self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+        self._guards = self._check_shared_parameters(model)
 
         args = getattr(model, "args", None)
         self.low_rank = [m for _, m, _ in self.tracked if isinstance(m, LowRankLinear)]
@@ -173,13 +203,54 @@ class DPTrainer:
         # Each record is [module, input, output gradient]. A
         # LowRankLinear fills it itself (its backward sees the output gradient
         # even when fairseq's attention scales q in place); other modules get
-        # a forward hook and a hook on their output.
-        self._hooks = []
+        # a forward hook that records the input and passes the output through
+        # _OutputGradTap.
+        self._hooks = list(self._guards)
+        self._taps: Dict[int, Tensor] = {}
         for _, module, _ in self.tracked:
             if isinstance(module, LowRankLinear):
                 module.recorder = self._new_record
             else:
-                self._hooks.append(module.register_forward_hook(self._record_output))
+                self._hooks.append(module.register_forward_hook(self._record_output, with_kwargs=True))
+
+    def _check_shared_parameters(self, model: nn.Module) -> list:
+        """A trainable parameter used by two tracked modules would get two
+        separately clipped halves of its per-example gradient: refused. One
+        owned by a module without a rule (RoBERTa's LM head, tied to the token
+        embedding) is allowed only while that module does not run: the returned
+        hooks stop a DP forward that calls it."""
+        tracked_ids = {id(m) for _, m, _ in self.tracked}
+        owners = defaultdict(list)
+        seen = set()
+        for name, module in model.named_modules(remove_duplicate=False):
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for pname, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    owners[id(param)].append((f"{name}.{pname}" if name else pname, module))
+        guards = []
+        for shared in (o for o in owners.values() if len(o) > 1):
+            names = " and ".join(n for n, _ in shared)
+            if sum(id(m) in tracked_ids for _, m in shared) > 1:
+                raise ValueError(
+                    f"DP training cannot clip the tied trainable parameter {names} "
+                    "(used by two modules); untie it or freeze it (e.g. --dp-freeze)"
+                )
+            for pname, module in shared:
+                if id(module) not in tracked_ids:
+                    guards.append(module.register_forward_pre_hook(self._tied_guard(pname, names)))
+        return guards
+
+    def _tied_guard(self, pname: str, names: str):
+        def refuse(module, args):
+            if self._recording:
+                raise RuntimeError(
+                    f"DP training: {pname} is tied ({names}) and its module ran in the forward; "
+                    "per-example gradients of tied parameters are not supported: untie or freeze it"
+                )
+
+        return refuse
 
     def starts_update(self, update_num: int) -> bool:
         """Whether this micro-batch is the first of a logical batch.
@@ -228,12 +299,16 @@ class DPTrainer:
         self._records.append(record)
         return record
 
-    def _record_output(self, module, inputs, output):
-        record = self._new_record(module, inputs[0])
-        if record is None:
-            return
-        if output.requires_grad:
-            output.register_hook(lambda grad: record.__setitem__(2, grad.detach()))
+    def _record_output(self, module, args, kwargs, output):
+        if not self._recording:
+            return None
+        sampler = find_grad_sampler(module)
+        record = self._new_record(module, sampler.capture(module, args, kwargs))
+        tap = self._taps.get(id(module))
+        if tap is None or tap.dtype != output.dtype or tap.device != output.device:
+            tap = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            self._taps[id(module)] = tap
+        return _OutputGradTap.apply(output, tap, record)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -332,23 +407,36 @@ class DPTrainer:
 
     def _graph_leaves(self) -> List[Tensor]:
         """Leaves whose gradient makes autograd run back through every tracked
-        module's output: the trainable parameters, and the zero taps of the
-        reparametrized layers (whose weights are detached in the forward)."""
-        return self.params + [m._tap for m in self.low_rank]
+        module's output, and nothing more: the zero taps on the outputs. Asking
+        for the parameters instead would make autograd form every weight
+        gradient, which the rules then form again per example."""
+        return [m._tap for m in self.low_rank] + list(self._taps.values())
 
     def _clipped_sums(self, loss: Tensor, records) -> Tuple[Dict[str, Dict[str, Tensor]], int]:
-        # only for the output-gradient hooks; the leaves' own gradients are dropped
+        # only to fill the records' output gradients; the taps' own gradients are dropped
         torch.autograd.grad(loss, self._graph_leaves(), allow_unused=True)
         name_of = {id(m): n for n, m, _ in self.tracked}
+        ghost = self.clipping == "ghost"
+        batch_size = None
         norms_sq = 0.0
         partial = []
         for module, activation, grad_out in records:
-            if grad_out is None:  # the loss does not depend on this module
-                grad_out = activation.new_zeros(*activation.shape[:-1], module.out_features)
             sampler = find_grad_sampler(module)
-            n_sq, clipped_sum = sampler.norms_and_sum(module, activation, grad_out)
+            name = name_of[id(module)]
+            size = activation.shape[sampler.batch_dim(module)]
+            if batch_size is not None and size != batch_size:
+                raise RuntimeError(
+                    f"DP training: module '{name}' sees a batch of {size} along dimension "
+                    f"{sampler.batch_dim(module)}, other modules {batch_size}; its batch "
+                    "dimension (dp_batch_dim) is wrong"
+                )
+            batch_size = size
+            if grad_out is None:  # the loss does not depend on this module
+                partial.append((name, lambda factors, s=sampler, m=module: s.zero_sum(m)))
+                continue
+            n_sq, clipped_sum = sampler.norms_and_sum(module, activation, grad_out, ghost=ghost)
             norms_sq = norms_sq + n_sq
-            partial.append((name_of[id(module)], clipped_sum))
+            partial.append((name, clipped_sum))
         norms = torch.sqrt(norms_sq)
         factors = (self.clip_norm / (norms + CLIP_STABILITY)).clamp(max=1.0)
         summed = {name: clipped_sum(factors) for name, clipped_sum in partial}

@@ -52,3 +52,13 @@ def build(argv, dtype=torch.float64, load_train=True):
 def batch(task, split="train", size=8, start=0):
     dataset = task.dataset(split)
     return dataset.collater([dataset[i] for i in range(start, start + size)])
+
+
+def task_step_grads(task, model, criterion, samples):
+    """What fairseq's Trainer does around task.train_step: sum micro-batches,
+    divide by ``(summed sample size or 1)`` (in the model's dtype; the
+    Trainer's own grad-norm code only takes float32)."""
+    for p in model.parameters():
+        p.grad = None
+    size = sum(task.train_step(s, model, criterion, None, 0)[1] for s in samples)
+    return {n: p.grad / (size or 1.0) for n, p in model.named_parameters() if p.requires_grad}

@@ -11,7 +11,7 @@ from fairseq.trainer import Trainer
 
 from fairseq_dp.modules import LowRankLinear
 
-from helpers import batch, build, data_dir, train_args
+from helpers import batch, build, data_dir, task_step_grads, train_args
 
 B_MICRO, UPDATE_FREQ = 4, 2
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
@@ -85,14 +85,6 @@ def carriers_of(model):
             for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def task_step_grads(task, model, criterion, samples):
-    """What fairseq's Trainer does around task.train_step: sum micro-batches,
-    divide by ``(summed sample size or 1)`` (float64; the Trainer's own
-    grad-norm code only takes float32)."""
-    for p in model.parameters():
-        p.grad = None
-    size = sum(task.train_step(s, model, criterion, None, 0)[1] for s in samples)
-    return {n: p.grad / (size or 1.0) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_update(cfg, task, model, criterion, samples):

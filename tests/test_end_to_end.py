@@ -163,7 +163,11 @@ BAD_INPUTS = [
     (["--criterion", "sentence_prediction"], "keep", "needs --criterion dp_sentence_prediction"),
     (["--rgp-rank", "0"], "keep", "--rgp-rank must be >= 1"),
     (["--rgp-rank", "40"], "keep", "--rgp-rank 40 is invalid for a 32x32 matrix"),
-    (["--arch", "roberta"], "keep", "have none: encoder.sentence_encoder.embed_tokens.weight"),
+    (["--arch", "roberta", "--dp-freeze", "embed_tokens,no_such_parameter"], "keep",
+     "'no_such_parameter' matches no parameter name"),
+    (["--dp-freeze", "embed_(tokens"], "keep", "--dp-freeze: invalid regular expression"),
+    (["--arch", "roberta_lora", "--lora-rank", "0"], "keep", "--lora-rank must be >= 1"),
+    (["--arch", "roberta_lora", "--lora-targets", "q,query"], "keep", "--lora-targets must be"),
 ]
 
 
@@ -195,8 +199,8 @@ def test_trainable_layer_without_a_rule_is_refused(data):
     from fairseq_dp.trainer import DPTrainer
 
     _, task, model, _ = build(train_args(data))
-    model.encoder.sentence_encoder.layers[0].final_layer_norm.weight.requires_grad_(True)
-    with pytest.raises(ValueError, match="final_layer_norm.weight"):
+    model.encoder.lm_head.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="have none: encoder.lm_head.bias"):
         DPTrainer(model, accountant=task.accountant, clip_norm=1.0, noise_multiplier=1.0,
                   expected_batch_size=8, sample_rate=0.1)
 

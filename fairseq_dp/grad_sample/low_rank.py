@@ -11,6 +11,9 @@ from .registry import GradSampler, _add_grad, batch_first, register_grad_sampler
 
 @register_grad_sampler(LowRankLinear)
 class LowRankLinearGradSampler(GradSampler):
+    def batch_dim(self, module: LowRankLinear) -> int:
+        return module.batch_dim
+
     def trainable_params(self, module: LowRankLinear):
         if module.bias is not None and module.bias.requires_grad:
             raise ValueError(
@@ -20,7 +23,7 @@ class LowRankLinearGradSampler(GradSampler):
 
     def per_example(self, module: LowRankLinear, activation: Tensor, grad_out: Tensor) -> Dict[str, Tensor]:
         grad_left, grad_right = module.carrier_grads(
-            batch_first(activation, module.batch_dim), batch_first(grad_out, module.batch_dim)
+            batch_first(activation, self.batch_dim(module)), batch_first(grad_out, self.batch_dim(module))
         )
         return {"left": grad_left, "right": grad_right}
 

@@ -35,6 +35,16 @@ def find_grad_sampler(module: nn.Module) -> "GradSampler":
 class GradSampler:
     """Per-example gradient rule for one module type."""
 
+    def batch_dim(self, module: nn.Module) -> int:
+        """Where the batch is in this module's input and output: fairseq's
+        encoder layers are time-major (T, B, C), embeddings and heads batch-major.
+        Set per module as ``module.dp_batch_dim`` (default 0)."""
+        return getattr(module, "dp_batch_dim", 0)
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+        """What the rule needs from one call's arguments (the input activation)."""
+        return args[0]
+
     def trainable_params(self, module: nn.Module) -> Dict[str, nn.Parameter]:
         """The module's trainable parameters this rule accounts for."""
         return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -44,10 +54,17 @@ class GradSampler:
         raise NotImplementedError
 
     def norms_and_sum(
-        self, module: nn.Module, activation: Tensor, grad_out: Tensor
+        self, module: nn.Module, activation: Tensor, grad_out: Tensor, ghost: bool = False
     ) -> Tuple[Tensor, Callable[[Tensor], Dict[str, Tensor]]]:
         """Per-example squared norms (B,), and a map from clip factors (B,) to
-        the clipped sum of the per-example gradients."""
+        the clipped sum of the per-example gradients.
+
+        ``ghost=False`` materializes the per-example gradients and sums them
+        with the factors (the reference path). ``ghost=True`` lets a rule get
+        the norms without materializing them, when that is cheaper, and form
+        the clipped sum from the recorded activations and output gradients
+        with the factors folded in (book-keeping). Rules whose per-example
+        gradients are small always materialize."""
         grads = self.per_example(module, activation, grad_out)
         norms_sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
 

@@ -21,11 +21,13 @@ from omegaconf import II
 
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
 from ..data.poisson import PoissonEpochBatchIterator, draw_poisson_batches, draws_per_epoch
-from ..trainer import DPTrainer, PrivacyBudgetExhausted, unwrap_model
+from ..prepare import freeze_patterns, prepare_model_for_dp
+from ..trainer import CLIPPING_MODES, DPTrainer, PrivacyBudgetExhausted, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 ACCOUNTANT_CHOICES = ChoiceEnum(["prv", "rdp"])
+CLIPPING_CHOICES = ChoiceEnum(list(CLIPPING_MODES))
 SAMPLING_CHOICES = ChoiceEnum(["poisson", "shuffle"])
 # backends that reduce gradients only when the trainer asks, after clipping
 REDUCE_AFTER_CLIPPING = ("legacy_ddp", "no_c10d")
@@ -88,6 +90,24 @@ class DPSentencePredictionConfig(SentencePredictionConfig):
         },
     )
 
+    # which parameters train privately, and how their per-example gradients are formed
+    dp_clipping: CLIPPING_CHOICES = field(
+        default="ghost",
+        metadata={
+            "help": "ghost: per-example gradient norms without materializing per-example "
+            "gradients where that is cheaper (ghost norms), clipped sums in the same pass "
+            "(book-keeping); materialize: per-example gradients materialized (reference "
+            "path). Both give the same update"
+        },
+    )
+    dp_freeze: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated regular expressions; trainable parameters whose name "
+            "matches one (re.search) are frozen, e.g. 'embed_tokens,embed_positions'"
+        },
+    )
+
     # settings of other groups that DP depends on, checked in setup_task
     batch_size: Optional[int] = II("dataset.batch_size")
     max_tokens: Optional[int] = II("dataset.max_tokens")
@@ -121,6 +141,10 @@ def check_dp_config(cfg) -> None:
         errors.append(f"--dp-max-epsilon must be > 0, got {cfg.dp_max_epsilon}")
     if not 0 < cfg.dp_delta < 1:
         errors.append(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
+    try:
+        freeze_patterns(cfg.dp_freeze)
+    except ValueError as e:
+        errors.append(str(e))
     if not cfg.dp_clip_norm > 0:
         errors.append(f"--dp-clip-norm must be > 0, got {cfg.dp_clip_norm}")
     for flag, value in (("--fp16", cfg.fp16), ("--memory-efficient-fp16", cfg.memory_efficient_fp16),
@@ -309,6 +333,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
             )
         model = super().build_model(cfg, from_checkpoint)
         keep_ledger_with_weights(model, self.accountant)
+        prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
         self.dp_trainer = self._make_dp_trainer(model)
         return model
 
@@ -321,6 +346,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
             expected_batch_size=self.expected_batch_size,
             sample_rate=self.sample_rate,
             seed=self.cfg.seed,
+            clipping=self.cfg.dp_clipping,
         )
         if self.dp_trainer is not None and self.dp_trainer is not dp_trainer:
             self.dp_trainer.remove_hooks()

@@ -1,0 +1,78 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""Merge a trained ``roberta_lora`` checkpoint into a plain RoBERTa one.
+
+    python -m fairseq_dp.merge_lora checkpoint_best.pt merged.pt
+
+Every adapted matrix becomes ``W₀ + (α / r)·B A``, the ``lora_A`` / ``lora_B``
+entries are dropped and the architecture is renamed to the plain one
+(``roberta_lora_base`` → ``roberta_base``), so the result loads as a
+``RobertaModel`` with the same outputs. The optimizer state (shaped for the
+adapters) is dropped; the rest of the checkpoint (task settings, classification
+heads) is kept.
+"""
+
+import argparse
+import logging
+from typing import Dict
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from .models.roberta_lora import PLAIN_ARCH
+
+logger = logging.getLogger(__name__)
+
+
+def merge_lora_state_dict(state_dict: Dict[str, torch.Tensor], scaling: float) -> Dict[str, torch.Tensor]:
+    """A plain state dict: ``weight += scaling · lora_B @ lora_A`` for every
+    module that has both factors."""
+    merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_A", ".lora_B"))}
+    prefixes = {k[: -len(".lora_A")] for k in state_dict if k.endswith(".lora_A")}
+    for prefix in sorted(prefixes):
+        A, B = state_dict[prefix + ".lora_A"], state_dict[prefix + ".lora_B"]
+        W = state_dict[prefix + ".weight"]
+        merged[prefix + ".weight"] = (W.double() + scaling * (B.double() @ A.double())).to(W.dtype)
+    return merged
+
+
+def _model_cfg(state):
+    if state.get("cfg") is not None:
+        return state["cfg"]["model"]
+    return state["args"]
+
+
+def merge_lora_checkpoint(src: str, dst: str) -> None:
+    import fairseq_dp  # noqa: F401  (lets torch.load read fairseq's pickled config)
+
+    state = torch.load(src, map_location="cpu")
+    model_cfg = _model_cfg(state)
+    arch = getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None)
+    if arch not in PLAIN_ARCH:
+        raise ValueError(f"{src} is not a roberta_lora checkpoint (architecture {arch!r})")
+    scaling = float(model_cfg.lora_alpha) / int(model_cfg.lora_rank)
+    state["model"] = merge_lora_state_dict(state["model"], scaling)
+    plain = PLAIN_ARCH[arch]
+    if OmegaConf.is_config(model_cfg):
+        with open_dict(model_cfg):
+            model_cfg._name = plain
+            model_cfg.arch = plain
+    else:
+        model_cfg._name, model_cfg.arch = plain, plain
+    if state.get("cfg") is not None and state.get("args") is not None:
+        state["args"].arch = plain
+    state["last_optimizer_state"] = None
+    torch.save(state, dst)
+    logger.info(f"merged LoRA adapters (scale {scaling:g}) of {src} into {dst} ({plain})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="roberta_lora checkpoint written by fairseq-train")
+    parser.add_argument("output", help="where to write the plain RoBERTa checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    merge_lora_checkpoint(args.checkpoint, args.output)
+
+
+if __name__ == "__main__":
+    main()

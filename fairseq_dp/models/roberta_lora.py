@@ -1,0 +1,140 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""``roberta_lora``: RoBERTa with frozen pretrained weights plus LoRA adapters
+(DP-LoRA, Yu et al. ICLR 2022).
+
+The chosen matrices of every encoder layer (``--lora-targets``, from q, k, v,
+out, fc1, fc2) become :class:`LoRALinear` with rank ``--lora-rank`` and scale
+``--lora-alpha / --lora-rank``; everything else is frozen except the
+classification heads. Parameter names are RoBERTa's plus ``lora_A`` /
+``lora_B``, so a plain fairseq RoBERTa checkpoint loads (the factors missing
+from it keep their initialization: B = 0, so the model starts as the
+checkpoint), and ``python -m fairseq_dp.merge_lora`` turns a trained checkpoint
+back into a plain RoBERTa one.
+"""
+
+import logging
+
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.roberta.model import (
+    RobertaModel,
+    base_architecture,
+    roberta_base_architecture,
+    roberta_large_architecture,
+)
+from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+from fairseq.utils import safe_getattr
+
+from ..modules import LoRALinear
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "out": "self_attn.out_proj",
+    "fc1": "fc1",
+    "fc2": "fc2",
+}
+LORA_DEFAULTS = {"lora_rank": 16, "lora_targets": ",".join(LORA_TARGETS)}
+# the plain architecture each LoRA one merges into
+PLAIN_ARCH = {"roberta_lora": "roberta", "roberta_lora_base": "roberta_base", "roberta_lora_large": "roberta_large"}
+
+
+def parse_targets(spec: str):
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(
+            f"--lora-targets must be a comma-separated subset of {','.join(LORA_TARGETS)}, got {spec!r}"
+        )
+    return targets
+
+
+def lora_scaling(args) -> float:
+    return args.lora_alpha / args.lora_rank
+
+
+@register_model("roberta_lora")
+class RobertaLoRAModel(RobertaModel):
+    @staticmethod
+    def add_args(parser):
+        RobertaModel.add_args(parser)
+        parser.add_argument("--lora-rank", type=int, metavar="R",
+                            help="rank of the LoRA factors B (out x R) and A (R x in)")
+        parser.add_argument("--lora-alpha", type=float, metavar="A",
+                            help="LoRA scale numerator: the update is (A / R) * B A; "
+                            "default R (scale 1, as Yu et al.'s RoBERTa code)")
+        parser.add_argument("--lora-targets", type=str, metavar="LIST",
+                            help="comma-separated matrices of every encoder layer that get "
+                            f"adapters, from {','.join(LORA_TARGETS)} (default all)")
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_lora_architecture(args)
+        if args.lora_rank < 1:
+            raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+        targets = parse_targets(args.lora_targets)
+        model = super().build_model(args, task)
+        for layer in model.modules():
+            if not isinstance(layer, TransformerEncoderLayerBase):
+                continue
+            for target in targets:
+                owner_path, _, attr = LORA_TARGETS[target].rpartition(".")
+                owner = layer.get_submodule(owner_path) if owner_path else layer
+                linear = getattr(owner, attr)
+                setattr(owner, attr, LoRALinear.from_linear(linear, rank=args.lora_rank, alpha=args.lora_alpha))
+            # the attention fast path reads q/k/v/out_proj.weight directly and would
+            # skip the adapters; this is the switch fairseq checks to call the modules
+            layer.self_attn._set_skip_embed_dim_check()
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith((".lora_A", ".lora_B")))
+        n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        logger.info(f"roberta_lora: rank {args.lora_rank} on {','.join(targets)}, "
+                    f"scale {lora_scaling(args):g}, {n_lora} adapter parameters")
+        return model
+
+    def lora_modules(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
+        super().register_classification_head(name, num_classes, inner_dim, **kwargs)
+        for param in self.classification_heads[name].parameters():
+            param.requires_grad_(True)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = name + "." if name != "" else ""
+        # a plain RoBERTa checkpoint has no adapters: they keep their initialization
+        added = 0
+        for module_name, module in self.named_modules():
+            if isinstance(module, LoRALinear):
+                for factor in ("lora_A", "lora_B"):
+                    key = f"{prefix}{module_name}.{factor}"
+                    if key not in state_dict:
+                        state_dict[key] = getattr(module, factor).detach().clone()
+                        added += 1
+        if added:
+            logger.info(f"roberta_lora: {added} LoRA factors not in the checkpoint keep their initialization")
+
+
+@register_model_architecture("roberta_lora", "roberta_lora")
+def base_lora_architecture(args):
+    for name, default in LORA_DEFAULTS.items():
+        if safe_getattr(args, name, None) is None:
+            setattr(args, name, default)
+    if safe_getattr(args, "lora_alpha", None) is None:
+        args.lora_alpha = float(args.lora_rank)
+    base_architecture(args)
+
+
+@register_model_architecture("roberta_lora", "roberta_lora_base")
+def roberta_lora_base_architecture(args):
+    roberta_base_architecture(args)
+    base_lora_architecture(args)
+
+
+@register_model_architecture("roberta_lora", "roberta_lora_large")
+def roberta_lora_large_architecture(args):
+    roberta_large_architecture(args)
+    base_lora_architecture(args)
