@@ -62,3 +62,11 @@ def task_step_grads(task, model, criterion, samples):
         p.grad = None
     size = sum(task.train_step(s, model, criterion, None, 0)[1] for s in samples)
     return {n: p.grad / (size or 1.0) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def each_example(task, samples):
+    """Every example of the micro-batches, collated alone (the oracles' loop)."""
+    dataset = task.dataset("train")
+    for sample in samples:
+        for i in range(sample["nsentences"]):
+            yield dataset.collater([dataset[int(sample["id"][i])]])

@@ -11,7 +11,7 @@ from fairseq.trainer import Trainer
 
 from fairseq_dp.modules import LowRankLinear
 
-from helpers import batch, build, data_dir, task_step_grads, train_args
+from helpers import batch, build, data_dir, each_example, task_step_grads, train_args
 
 B_MICRO, UPDATE_FREQ = 4, 2
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
@@ -46,27 +46,25 @@ def oracle_update(model0, criterion, task, samples, carriers, clip):
             module.clear_carriers()  # the plain nn.Linear path: autograd forms G_i
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total, norms = {}, []
-    for sample in samples:
-        for i in range(sample["nsentences"]):
-            one = task.dataset("train").collater([task.dataset("train")[int(sample["id"][i])]])
-            model.zero_grad()
-            loss, _, _ = criterion(model, one)
-            loss.backward()
-            privatized = {}
-            for name, param in trainable:
-                module_name, _, leaf = name.rpartition(".")
-                module = named[module_name]
-                if isinstance(module, LowRankLinear):
-                    L, R = carriers[module_name]
-                    privatized[module_name + ".left"] = param.grad @ R.t()
-                    privatized[module_name + ".right"] = L.t() @ param.grad
-                else:
-                    privatized[name] = param.grad.clone()
-            norm = torch.sqrt(sum(v.pow(2).sum() for v in privatized.values()))
-            norms.append(norm)
-            factor = min(1.0, clip / (norm.item() + 1e-6))
-            for k, v in privatized.items():
-                total[k] = total.get(k, 0) + factor * v
+    for one in each_example(task, samples):
+        model.zero_grad()
+        loss, _, _ = criterion(model, one)
+        loss.backward()
+        privatized = {}
+        for name, param in trainable:
+            module_name, _, leaf = name.rpartition(".")
+            module = named[module_name]
+            if isinstance(module, LowRankLinear):
+                L, R = carriers[module_name]
+                privatized[module_name + ".left"] = param.grad @ R.t()
+                privatized[module_name + ".right"] = L.t() @ param.grad
+            else:
+                privatized[name] = param.grad.clone()
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in privatized.values()))
+        norms.append(norm)
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        for k, v in privatized.items():
+            total[k] = total.get(k, 0) + factor * v
     grads = {}
     expected_batch = B_MICRO * UPDATE_FREQ
     for name, param in trainable:

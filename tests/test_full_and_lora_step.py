@@ -25,7 +25,7 @@ from fairseq_dp.merge_lora import merge_lora_checkpoint
 from fairseq_dp.modules import LoRALinear
 from fairseq_dp.trainer import DPTrainer
 
-from helpers import batch, build, data_dir, parse, task_step_grads, train_args
+from helpers import batch, build, data_dir, each_example, parse, task_step_grads, train_args
 
 B_MICRO, UPDATE_FREQ = 4, 2
 SIZES = ["--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48",
@@ -71,18 +71,16 @@ def oracle_update(model0, criterion, task, samples, clip):
     model = copy.deepcopy(model0).train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total, norms = {}, []
-    for sample in samples:
-        for i in range(sample["nsentences"]):
-            one = task.dataset("train").collater([task.dataset("train")[int(sample["id"][i])]])
-            model.zero_grad()
-            loss, _, _ = criterion(model, one)
-            loss.backward()
-            grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in trainable}
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-            norms.append(norm)
-            factor = min(1.0, clip / (norm.item() + 1e-6))
-            for n, g in grads.items():
-                total[n] = total.get(n, 0) + factor * g
+    for one in each_example(task, samples):
+        model.zero_grad()
+        loss, _, _ = criterion(model, one)
+        loss.backward()
+        grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in trainable}
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        norms.append(norm)
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        for n, g in grads.items():
+            total[n] = total.get(n, 0) + factor * g
     expected_batch = B_MICRO * UPDATE_FREQ
     return {n: g / expected_batch for n, g in total.items()}, torch.stack(norms)
 

@@ -15,12 +15,7 @@ from fairseq_dp.grad_sample.linear import ghost_is_cheaper, weight_norms_sq, wei
 from fairseq_dp.modules import LoRALinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def alone(t, batch_dim, i, length):

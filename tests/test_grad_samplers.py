@@ -10,13 +10,7 @@ from fairseq_dp.grad_sample import find_grad_sampler
 from fairseq_dp.modules import LowRankLinear, power_iteration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Exact comparisons in float64, without leaking the default to other modules."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def layer_input(B, T, d, batch_dim, g):

@@ -8,13 +8,7 @@ from hypothesis import strategies as st
 from fairseq_dp.modules import LowRankLinear, orthonormalize, power_iteration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Exact comparisons in float64, without leaking the default to other modules."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def module_with_carriers(p, d, r, seed=0, reference=False):
