@@ -150,7 +150,9 @@ class LowRankLinear(nn.Linear):
         L, R = self.left, self.right
         overlap = L @ (L.t() @ grad_left)
         sign = 1.0 if self.reference_projection else -1.0
-        return L @ grad_right + (grad_left + sign * overlap) @ R
+        # the two rank-r products as one matmul of inner size 2r: the full
+        # (out x in) matrix is written once instead of three times
+        return torch.cat([L, grad_left + sign * overlap], 1) @ torch.cat([grad_right, R], 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"
