@@ -30,11 +30,13 @@ as skipped, with the reason.
 """
 
 import argparse
+import atexit
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -148,6 +150,7 @@ def _write_fairseq_dicts(s: Settings) -> str:
     loads; the task adds 4 special symbols and ``<mask>``, so the embedding has
     ``s.vocab`` rows."""
     data = tempfile.mkdtemp(prefix="fairseq_dp_bench_")
+    atexit.register(shutil.rmtree, data, ignore_errors=True)
     os.makedirs(os.path.join(data, "input0"))
     os.makedirs(os.path.join(data, "label"))
     with open(os.path.join(data, "input0", "dict.txt"), "w") as f:
@@ -393,7 +396,10 @@ def run(settings: Settings, methods: List[str], log=print) -> dict:
 
     rows, notes, active = {}, {}, []
     for name, (proc, conn) in workers.items():
-        status, payload = conn.recv()
+        try:
+            status, payload = conn.recv()
+        except EOFError:  # the worker died (out of memory, a crash in native code)
+            status, payload = "error", f"the worker process exited with code {proc.exitcode}"
         if status == "ready":
             active.append(name)
             rows[name] = {"method": name, **payload}
@@ -433,6 +439,7 @@ def run(settings: Settings, methods: List[str], log=print) -> dict:
         median = statistics.median(times[name])
         row["seconds_per_update"] = median
         row["examples_per_second"] = settings.batch / median
+        row["seconds_per_update_min"] = min(times[name])
         row["seconds_per_update_all"] = times[name]
         if base_times:
             row["time_ratio"] = statistics.median(t / b for t, b in zip(times[name], base_times))
@@ -447,7 +454,9 @@ def run(settings: Settings, methods: List[str], log=print) -> dict:
                 p / t for p, t in zip(power, times[name])
             )
     ordered = [rows[n] for n in methods if n in rows]
-    skipped = [{"method": n, "skipped": notes[n]} for n in methods if n in notes]
+    empty = dict.fromkeys(("seconds_per_update", "examples_per_second", "peak_memory_bytes",
+                           "time_ratio", "memory_ratio"))
+    skipped = [{"method": n, **empty, "skipped": notes[n]} for n in methods if n in notes]
     return {
         "machine": machine,
         "settings": dataclasses.asdict(settings),
@@ -513,6 +522,8 @@ def settings_from_args(args) -> Settings:
             values[field] = getattr(args, field)
     if values["steps"] < 5:
         raise SystemExit("--steps must be at least 5 (the medians need them)")
+    if values["warmup"] < 0:
+        raise SystemExit("--warmup must be >= 0")
     if values["hidden"] % values["heads"]:
         raise SystemExit("--hidden must be a multiple of --heads")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
