@@ -220,8 +220,12 @@ def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bo
         }
 
         extras: Dict[str, float] = {}
-        dp_trainer = getattr(task, "dp_trainer", None)
-        if dp_trainer is not None and dp_trainer.low_rank:
+
+        def time_power_iteration(dp_trainer):
+            """Instrumentation of our own DP trainer object, for the power-iteration
+            share; looked up at every update since the task may build a new one."""
+            if dp_trainer is None or not dp_trainer.low_rank or hasattr(dp_trainer, "_bench_timed"):
+                return
             compute_carriers = dp_trainer.compute_carriers
 
             def timed_compute_carriers(update_num):
@@ -231,11 +235,12 @@ def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bo
                 _synchronize(device)
                 extras["power_iteration_seconds"] = time.perf_counter() - start
 
-            # instrumentation of our own object, for the power-iteration share
             dp_trainer.compute_carriers = timed_compute_carriers
+            dp_trainer._bench_timed = True
 
         def step():
             extras.clear()
+            time_power_iteration(getattr(task, "dp_trainer", None))
             trainer.train_step([sample])
             return dict(extras)
 
@@ -496,7 +501,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model shape and default batch: minilm (6 x 384, the CPU default) "
                         "or roberta-base (12 x 768, for a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"small batch and few steps ({QUICK}); under a minute on 2 CPU cores")
+                        help=f"small batch and few steps ({QUICK}), one thread unless --threads; "
+                        "under a minute on 2 CPU cores")
     for field in ("layers", "hidden", "heads", "ffn", "vocab", "batch", "seq_len"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the preset's {field}")
     parser.add_argument("--warmup", type=int, help="unmeasured updates per method first (default 2)")
@@ -505,7 +511,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="RGP ranks, one row rgp_r<rank> each (default 1 8)")
     parser.add_argument("--methods", nargs="+", help="only these rows (nonprivate_full is always run)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: all cores)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per worker (default: all cores; 1 with --quick)")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     return parser.parse_args(argv)
 
@@ -527,7 +534,9 @@ def settings_from_args(args) -> Settings:
     if values["hidden"] % values["heads"]:
         raise SystemExit("--hidden must be a multiple of --heads")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = args.threads or torch.get_num_threads()
+    # one thread for --quick: on a shared machine, several threads per worker on
+    # busy cores wait on each other and a one-minute smoke test takes several
+    threads = args.threads or (1 if args.quick else torch.get_num_threads())
     return Settings(preset=args.preset, device=device, threads=threads, **values)
 
 
