@@ -74,6 +74,35 @@ def test_power_iteration_is_deterministic_and_handles_zero():
     assert torch.allclose(right @ right.t(), torch.eye(2), atol=1e-10)
 
 
+def textbook_power_iteration(matrix, rank, iters, generator):
+    """Zero check on the whole matrix first, then alternate products and QR."""
+    p, d = matrix.shape
+    right = orthonormalize(torch.randn(d, rank, generator=generator))
+    if not torch.any(matrix):
+        return orthonormalize(torch.randn(p, rank, generator=generator)), right.t()
+    for _ in range(iters):
+        left = orthonormalize(matrix @ right)
+        right = orthonormalize(matrix.t() @ left)
+    return left, right.t()
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_power_iteration_matches_the_textbook_loop(iters):
+    """Including the matrices where the first product is zero: a zero matrix,
+    and a nonzero one whose rows are orthogonal to the random start."""
+    start = orthonormalize(torch.randn(5, 1, generator=torch.Generator().manual_seed(3)))[:, 0]
+    # v·start = s1·s0 − s0·s1 and powers of two in u keep it exactly 0 in floating point
+    v = torch.tensor([start[1], -start[0], 0.0, 0.0, 0.0])
+    orthogonal_to_start = torch.tensor([[1.0], [2.0], [0.5], [-4.0], [1.0], [0.25], [8.0]]) @ v[None]
+    for W in (torch.randn(7, 5), torch.zeros(7, 5), orthogonal_to_start):
+        rank = 1 if W is orthogonal_to_start else 2
+        got = power_iteration(W, rank, iters, torch.Generator().manual_seed(3))
+        expected = textbook_power_iteration(W, rank, iters, torch.Generator().manual_seed(3))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.any(orthogonal_to_start) and not torch.any(orthogonal_to_start @ start[:, None])
+
+
 def test_rank_larger_than_matrix_is_refused():
     with pytest.raises(ValueError, match="--rgp-rank 9 is invalid for a 4x8 matrix"):
         LowRankLinear(8, 4, rank=9)

@@ -34,4 +34,4 @@ class LowRankLinearGradSampler(GradSampler):
         }
 
     def accumulate_grad(self, module: LowRankLinear, summed: Dict[str, Tensor]) -> None:
-        _add_grad(module.weight, module.project(summed["left"], summed["right"]))
+        _add_grad(module.weight, module.project(summed["left"], summed["right"]), owned=True)

@@ -83,12 +83,14 @@ class GradSampler:
             _add_grad(getattr(module, name), value)
 
 
-def _add_grad(param: nn.Parameter, value: Tensor) -> None:
-    value = value.to(param.dtype)
+def _add_grad(param: nn.Parameter, value: Tensor, owned: bool = False) -> None:
+    """``owned``: ``value`` is a fresh tensor nothing else refers to, so it can
+    become ``.grad`` without a copy."""
+    converted = value.to(param.dtype)
     if param.grad is None:
-        param.grad = value.clone()
+        param.grad = converted if owned or converted is not value else value.clone()
     else:
-        param.grad.add_(value)
+        param.grad.add_(converted)
 
 
 def batch_first(t: Tensor, batch_dim: int) -> Tensor:

@@ -33,10 +33,15 @@ class _OutputGradLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, tap, record):
         ctx.save_for_backward(weight)
         ctx.record = record
+        # not a view, so it may be changed in place; filled through a 2-D view
+        # of itself because a 3-D matmul with out= (or a non-contiguous 3-D
+        # operand) runs as a batched matmul over a copy of the weight per time step
         out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-        torch.matmul(x, weight.t(), out=out)  # not a view, so it may be changed in place
-        if bias is not None:
-            out.add_(bias)
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(flat_x, weight.t(), out=flat_out)
+        else:
+            torch.addmm(bias, flat_x, weight.t(), out=flat_out)
         return out
 
     @staticmethod
@@ -44,7 +49,9 @@ class _OutputGradLinear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         if ctx.record is not None:
             ctx.record[2] = grad.detach()
-        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad.reshape(-1, grad.shape[-1]), weight).view(*grad.shape[:-1], weight.shape[1])
         return grad_x, None, None, None, None
 
 
@@ -127,8 +134,8 @@ class LowRankLinear(nn.Linear):
     def carrier_grads(self, x: Tensor, grad_out: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-example carrier gradients ``(∂L, ∂R)``, shapes (B, out, r) and
         (B, r, in), from batch-first inputs (B, N, in) and output gradients (B, N, out)."""
-        rx = torch.matmul(x, self.right.t())  # (B, N, r)
-        ltg = torch.matmul(grad_out, self.left)  # (B, N, r)
+        rx = _matmul_last_dim(x, self.right.t())  # (B, N, r)
+        ltg = _matmul_last_dim(grad_out, self.left)  # (B, N, r)
         grad_left = torch.bmm(grad_out.transpose(1, 2), rx)
         grad_right = torch.bmm(ltg.transpose(1, 2), x)
         return grad_left, grad_right
@@ -143,10 +150,27 @@ class LowRankLinear(nn.Linear):
         L, R = self.left, self.right
         overlap = L @ (L.t() @ grad_left)
         sign = 1.0 if self.reference_projection else -1.0
-        return L @ grad_right + (grad_left + sign * overlap) @ R
+        # the two rank-r products as one matmul of inner size 2r: the full
+        # (out x in) matrix is written once instead of three times
+        return torch.cat([L, grad_left + sign * overlap], 1) @ torch.cat([grad_right, R], 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"
+
+
+def _matmul_last_dim(t: Tensor, m: Tensor) -> Tensor:
+    """``t @ m`` for ``t`` (..., k) and ``m`` (k, n), as one 2-D matmul over
+    ``t``'s memory when its leading dims are a permutation of a contiguous
+    layout (the batch-first view of a time-major activation). ``matmul`` would
+    instead run one small matrix-vector product per example over strided rows."""
+    leading = sorted(range(t.dim() - 1), key=lambda d: t.stride(d), reverse=True)
+    in_memory_order = t.permute(*leading, t.dim() - 1)
+    if not in_memory_order.is_contiguous():
+        return torch.matmul(t, m)
+    flat = torch.mm(in_memory_order.reshape(-1, t.shape[-1]), m)
+    result = flat.view(*in_memory_order.shape[:-1], m.shape[1])
+    inverse = [leading.index(d) for d in range(t.dim() - 1)]
+    return result.permute(*inverse, t.dim() - 1)
 
 
 def orthonormalize(m: Tensor) -> Tensor:
@@ -172,11 +196,15 @@ def power_iteration(
                         device="cpu" if generator is None else generator.device)
     start = start.to(matrix.device)
     right = orthonormalize(start)  # (d, r)
-    if not torch.any(matrix):
+    # Power iteration is memory-bound: every pass reads the whole matrix. A
+    # nonzero first product proves the matrix nonzero, so the full zero check
+    # (one more pass) only runs when that product is zero.
+    product = matrix @ right
+    if not torch.any(product) and not torch.any(matrix):
         left = torch.randn(p, rank, generator=generator, dtype=matrix.dtype,
                            device=start.device).to(matrix.device)
         return orthonormalize(left), right.t().contiguous()
-    for _ in range(max(iters, 1)):
-        left = orthonormalize(matrix @ right)
+    for i in range(max(iters, 1)):
+        left = orthonormalize(product if i == 0 else matrix @ right)
         right = orthonormalize(matrix.t() @ left)
     return left, right.t().contiguous()
