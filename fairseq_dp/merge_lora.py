@@ -6,9 +6,11 @@
 Every adapted matrix becomes ``W₀ + (α / r)·B A``, the ``lora_A`` / ``lora_B``
 entries are dropped and the architecture is renamed to the plain one
 (``roberta_lora_base`` → ``roberta_base``), so the result loads as a
-``RobertaModel`` with the same outputs. The optimizer state (shaped for the
-adapters) is dropped; the rest of the checkpoint (task settings, classification
-heads) is kept.
+``RobertaModel`` with the same outputs, in fairseq with or without the plugin.
+The optimizer state (shaped for the adapters) is dropped; the privacy ledger
+moves from the model state to the checkpoint's top-level ``dp_ledger`` entry
+(a record of the privacy the weights spent, which stock fairseq ignores); the
+rest of the checkpoint (task settings, classification heads) is kept.
 """
 
 import argparse
@@ -18,6 +20,7 @@ from typing import Dict
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from .accounting import DIGEST_KEY, LEDGER_KEY
 from .models.roberta_lora import PLAIN_ARCH
 
 logger = logging.getLogger(__name__)
@@ -46,13 +49,22 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
 
     state = torch.load(src, map_location="cpu")
     model_cfg = _model_cfg(state)
-    arch = getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None)
+    # fairseq-train saves a Namespace or a DictConfig, fairseq-hydra-train a dict
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)
+    arch = get("arch") or get("_name")
     if arch not in PLAIN_ARCH:
         raise ValueError(f"{src} is not a roberta_lora checkpoint (architecture {arch!r})")
-    scaling = float(model_cfg.lora_alpha) / int(model_cfg.lora_rank)
+    scaling = float(get("lora_alpha")) / int(get("lora_rank"))
+    ledger = {k: state["model"].pop(k) for k in (LEDGER_KEY, DIGEST_KEY) if k in state["model"]}
+    if ledger:
+        state["dp_ledger"] = ledger
     state["model"] = merge_lora_state_dict(state["model"], scaling)
     plain = PLAIN_ARCH[arch]
-    if OmegaConf.is_config(model_cfg):
+    if isinstance(model_cfg, dict):
+        model_cfg["_name"] = plain
+        if "arch" in model_cfg:
+            model_cfg["arch"] = plain
+    elif OmegaConf.is_config(model_cfg):
         with open_dict(model_cfg):
             model_cfg._name = plain
             model_cfg.arch = plain

@@ -437,7 +437,7 @@ class DPTrainer:
             n_sq, clipped_sum = sampler.norms_and_sum(module, activation, grad_out, ghost=ghost)
             norms_sq = norms_sq + n_sq
             partial.append((name, clipped_sum))
-        norms = torch.sqrt(norms_sq)
+        norms = torch.sqrt(torch.as_tensor(norms_sq, dtype=loss.dtype, device=loss.device))
         factors = (self.clip_norm / (norms + CLIP_STABILITY)).clamp(max=1.0)
         summed = {name: clipped_sum(factors) for name, clipped_sum in partial}
         return summed, int((factors < 1.0).sum().item())

@@ -14,7 +14,7 @@ from fairseq_cli import train
 
 from fairseq_dp.accounting import PrivacyAccountant
 
-from helpers import PLUGIN_DIR, build, data_dir, parse, train_args
+from helpers import PLUGIN_DIR, batch, build, data_dir, parse, train_args
 
 BIN = os.path.dirname(sys.executable)
 SMALL = ["--arch", "roberta_rgp", "--encoder-layers", "2", "--encoder-embed-dim", "64",
@@ -159,6 +159,7 @@ BAD_INPUTS = [
     (["--dp-max-epsilon", "-2"], "keep", "--dp-max-epsilon must be > 0"),
     (["--dp-max-epsilon", "3", "--dp-noise-multiplier", "0"], None, "cannot be met with --dp-noise-multiplier 0"),
     (["--encoder-layerdrop", "0.1"], "keep", "--encoder-layerdrop skips layers"),
+    (["--mha-reg-scale-factor", "0.1"], "keep", "--mha-reg-scale-factor adds a regularizer"),
     (["--spectral-norm-classification-head"], "keep", "reparametrized or changed by a forward pre-hook"),
     (["--criterion", "sentence_prediction"], "keep", "needs --criterion dp_sentence_prediction"),
     (["--rgp-rank", "0"], "keep", "--rgp-rank must be >= 1"),
@@ -203,6 +204,24 @@ def test_trainable_layer_without_a_rule_is_refused(data):
     with pytest.raises(ValueError, match="have none: encoder.lm_head.bias"):
         DPTrainer(model, accountant=task.accountant, clip_norm=1.0, noise_multiplier=1.0,
                   expected_batch_size=8, sample_rate=0.1)
+
+
+def test_parameter_unfrozen_after_build_is_checked_again(data):
+    """A head registered or a layer unfrozen after the task built its DP
+    trainer (fairseq's load_checkpoint_heads does this) must not train
+    silently without per-example clipping."""
+    _, task, model, criterion = build(train_args(data))
+    first = task.dp_trainer
+    norm = model.encoder.sentence_encoder.layers[0].final_layer_norm
+    norm.weight.requires_grad_(True)
+    task.train_step(batch(task), model, criterion, None, 0)
+    assert task.dp_trainer is not first
+    assert any(m is norm for _, m, _ in task.dp_trainer.tracked)
+    assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
+    # one that no rule covers stops the step
+    model.encoder.lm_head.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="lm_head.bias"):
+        task.train_step(batch(task), model, criterion, None, 1)
 
 
 def test_plain_roberta_checkpoint_loads_unchanged(data):

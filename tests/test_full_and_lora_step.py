@@ -18,6 +18,7 @@ from fairseq.logging import metrics
 from fairseq.models.roberta import RobertaModel
 from fairseq.trainer import Trainer
 from fairseq_cli import train
+from omegaconf import OmegaConf
 
 from fairseq_dp.accounting import PrivacyAccountant
 from fairseq_dp.merge_lora import main as merge_lora_main
@@ -260,9 +261,23 @@ def test_lora_update_changes_the_adapters_and_merges_into_plain_roberta(data, tm
     merge_lora_checkpoint(src, dst)
     state = torch.load(dst)
     assert not any("lora_" in k for k in state["model"])
+    # the ledger leaves the model state, so stock fairseq loads it strictly
+    assert "dp_ledger" not in state["model"] and state["dp_ledger"]["dp_ledger"].tolist()[0][2] == 1
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([dst])
     merged = models[0]
     assert type(merged) is RobertaModel
+    copy.deepcopy(merged).load_state_dict(state["model"], strict=True)  # a copy has no plugin hooks
+
+    # fairseq-hydra-train saves the model config as a plain dict
+    hydra_src, hydra_dst = str(tmp_path / "hydra.pt"), str(tmp_path / "hydra_merged.pt")
+    raw = torch.load(src, weights_only=False)
+    raw["cfg"]["model"] = OmegaConf.to_container(raw["cfg"]["model"])
+    torch.save(raw, hydra_src)
+    merge_lora_checkpoint(hydra_src, hydra_dst)
+    hydra_state = torch.load(hydra_dst, weights_only=False)
+    assert hydra_state["cfg"]["model"]["_name"] == "roberta"
+    for key, value in state["model"].items():
+        assert torch.equal(hydra_state["model"][key], value), key
     model.eval()
     merged.eval()
     tokens = batch(task)["net_input"]["src_tokens"]

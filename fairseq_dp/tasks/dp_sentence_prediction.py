@@ -331,6 +331,13 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 "--encoder-layerdrop skips layers at random, so a skipped layer's per-example "
                 "gradients are missing from that update; use --encoder-layerdrop 0 with DP"
             )
+        for flag in ("mha_reg_scale_factor", "ffn_reg_scale_factor"):
+            if getattr(cfg, flag, 0):
+                raise ValueError(
+                    f"--{flag.replace('_', '-')} adds a regularizer computed from the weights, "
+                    "outside the modules whose per-example gradients DP clips, so its gradient "
+                    "would be dropped; set it to 0 with DP"
+                )
         model = super().build_model(cfg, from_checkpoint)
         keep_ledger_with_weights(model, self.accountant)
         prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
@@ -338,7 +345,11 @@ class DPSentencePredictionTask(SentencePredictionTask):
         return model
 
     def _make_dp_trainer(self, model) -> DPTrainer:
-        dp_trainer = DPTrainer(
+        # the old trainer's hooks go first: LowRankLinear holds one recorder
+        if self.dp_trainer is not None:
+            self.dp_trainer.remove_hooks()
+            self.dp_trainer = None
+        return DPTrainer(
             unwrap_model(model),
             accountant=self.accountant,
             clip_norm=self.cfg.dp_clip_norm,
@@ -348,9 +359,6 @@ class DPSentencePredictionTask(SentencePredictionTask):
             seed=self.cfg.seed,
             clipping=self.cfg.dp_clipping,
         )
-        if self.dp_trainer is not None and self.dp_trainer is not dp_trainer:
-            self.dp_trainer.remove_hooks()
-        return dp_trainer
 
     def build_criterion(self, cfg):
         from ..criterions.dp_sentence_prediction import DPSentencePredictionCriterion
@@ -442,7 +450,14 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 "DP: σ and the sampling rate are set when the training set is loaded; "
                 f"call task.load_dataset('{self.cfg.train_subset}') before training"
             )
-        if self.dp_trainer is None or self.dp_trainer.model is not unwrap_model(model):
+        if (
+            self.dp_trainer is None
+            or self.dp_trainer.model is not unwrap_model(model)
+            # a parameter made trainable, or a classification head registered,
+            # after the DP trainer was built: check coverage again
+            or [id(p) for p in self.dp_trainer.params]
+            != [id(p) for p in unwrap_model(model).parameters() if p.requires_grad]
+        ):
             self.dp_trainer = self._make_dp_trainer(model)
         self._configure_trainer(self.dp_trainer)
         self.dp_trainer.catch_up_ledger(update_num)
