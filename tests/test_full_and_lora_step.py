@@ -271,7 +271,9 @@ def test_lora_update_changes_the_adapters_and_merges_into_plain_roberta(data, tm
     # fairseq-hydra-train saves the model config as a plain dict
     hydra_src, hydra_dst = str(tmp_path / "hydra.pt"), str(tmp_path / "hydra_merged.pt")
     raw = torch.load(src, weights_only=False)
-    raw["cfg"]["model"] = OmegaConf.to_container(raw["cfg"]["model"])
+    model_cfg = raw["cfg"]["model"]
+    raw["cfg"]["model"] = (OmegaConf.to_container(model_cfg) if OmegaConf.is_config(model_cfg)
+                           else dict(vars(model_cfg)))
     torch.save(raw, hydra_src)
     merge_lora_checkpoint(hydra_src, hydra_dst)
     hydra_state = torch.load(hydra_dst, weights_only=False)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .low_rank_linear import linear_subclass_copy
+
 
 class LoRALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int, alpha: float):
@@ -34,13 +36,7 @@ class LoRALinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "LoRALinear":
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        new.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
-        return new
+        return linear_subclass_copy(cls, linear, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B)

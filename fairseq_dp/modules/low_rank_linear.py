@@ -55,6 +55,18 @@ class _OutputGradLinear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def linear_subclass_copy(cls, linear: nn.Linear, **kwargs):
+    """An instance of the nn.Linear subclass ``cls`` holding ``linear``'s
+    weight and bias, on its device and in its dtype."""
+    new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+    new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
 class LowRankLinear(nn.Linear):
     """``nn.Linear`` whose weight gradient is carried by rank-``rank`` factors.
 
@@ -101,15 +113,7 @@ class LowRankLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "LowRankLinear":
-        new = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, **kwargs
-        )
-        new.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
-        return new
+        return linear_subclass_copy(cls, linear, **kwargs)
 
     @property
     def carriers_active(self) -> bool:
