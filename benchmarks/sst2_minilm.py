@@ -19,11 +19,9 @@ best over the epochs ("best", what the RGP paper's code reports).
 """
 
 import argparse
-import csv
 import datetime
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -44,34 +42,15 @@ def commit() -> str:
         return "unknown"
 
 
-def subset_tsv(src: str, dest: str, n: int, seed: int) -> int:
-    """A uniformly drawn, fixed subset of ``n`` training rows (all when n <= 0)."""
-    with open(src, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header, body = rows[0], rows[1:]
-    if 0 < n < len(body):
-        body = random.Random(seed).sample(body, n)
-    with open(dest, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(body)
-    return len(body)
-
-
 def prepare(args) -> tuple:
     from fairseq_dp.convert import convert, minilm_dir
-    from fairseq_dp.prepare_glue import Tokenizer, prepare as prepare_glue
+    from fairseq_dp.prepare_glue import Tokenizer, copy_glue_dir, prepare as prepare_glue
 
     ckpt_dir = os.path.join(args.work_dir, "minilm")
     if not os.path.exists(os.path.join(ckpt_dir, "model.pt")):
         convert(minilm_dir(), ckpt_dir)
     tsv_dir = os.path.join(args.work_dir, "tsv")
-    os.makedirs(tsv_dir, exist_ok=True)
-    n_train = subset_tsv(os.path.join(args.data, "train.tsv"), os.path.join(tsv_dir, "train.tsv"),
-                         args.train_examples, args.seed)
-    with open(os.path.join(args.data, "dev.tsv"), encoding="utf-8") as f, \
-            open(os.path.join(tsv_dir, "dev.tsv"), "w", encoding="utf-8") as g:
-        g.write(f.read())
+    n_train = copy_glue_dir(args.data, tsv_dir, args.train_examples, args.seed)
     bin_dir = os.path.join(args.work_dir, "bin")
     summary = prepare_glue(tsv_dir, bin_dir, os.path.join(ckpt_dir, "dict.txt"),
                            Tokenizer(minilm_dir()), args.max_length)
@@ -117,8 +96,9 @@ def rgp_command(args, data, restore, save_dir, epsilon) -> list:
 def run(cmd: list, log_path: str) -> list:
     print("[sst2] " + " ".join(cmd[1:]), flush=True)
     lines = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen, not per 8 KB
     with open(log_path, "w") as log, subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
         for line in proc.stdout:
             log.write(line)

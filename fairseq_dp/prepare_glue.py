@@ -27,6 +27,8 @@ import argparse
 import csv
 import json
 import os
+import random
+import shutil
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -108,6 +110,25 @@ def truncate(first: List[List[str]], second: Optional[List[List[str]]], max_leng
         out_a.append(a)
         out_b.append(b)
     return out_a, out_b
+
+
+def copy_glue_dir(src: str, dest: str, n_train: int = 0, seed: int = 0) -> int:
+    """Copies ``src``'s train and dev files into ``dest``, keeping a fixed
+    uniformly drawn subset of ``n_train`` training rows (all when 0). Returns the
+    number of training rows kept."""
+    os.makedirs(dest, exist_ok=True)
+    csv.field_size_limit(sys.maxsize)
+    with open(os.path.join(src, "train.tsv"), encoding="utf-8", newline="") as f:
+        lines = f.readlines()
+    header, body = lines[0], lines[1:]
+    if 0 < n_train < len(body):
+        body = random.Random(seed).sample(body, n_train)
+    with open(os.path.join(dest, "train.tsv"), "w", encoding="utf-8", newline="") as f:
+        f.writelines([header] + body)
+    for name in DEV_FILES + ("test.tsv",):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dest, name))
+    return len(body)
 
 
 def write_lines(path: str, lines) -> None:
