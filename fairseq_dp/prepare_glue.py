@@ -140,6 +140,8 @@ def binarize(raw_dir: str, out_dir: str, key: str, splits: List[str], srcdict: O
     from fairseq import options
     from fairseq_cli import preprocess
 
+    # fairseq-preprocess refuses to overwrite a dictionary it built; a rerun rebuilds everything
+    shutil.rmtree(os.path.join(out_dir, key), ignore_errors=True)
     argv = ["--only-source", "--destdir", os.path.join(out_dir, key), "--workers", "1"]
     names = {"train": "--trainpref", "valid": "--validpref", "test": "--testpref"}
     for split in splits:
