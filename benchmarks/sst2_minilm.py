@@ -82,12 +82,20 @@ def non_private_command(args, data, restore, save_dir) -> list:
     ]
 
 
+def dp_schedule(args) -> list:
+    if args.dp_schedule == "fixed":
+        return ["--lr-scheduler", "fixed"]
+    # linear warm-up then linear decay to 0 at the last planned update
+    return ["--lr-scheduler", "polynomial_decay", "--total-num-update", str(args.dp_updates),
+            "--warmup-updates", str(args.dp_warmup)]
+
+
 def rgp_command(args, data, restore, save_dir, epsilon) -> list:
     return common_flags(args, data, restore, save_dir) + [
         "--task", "dp_sentence_prediction", "--criterion", "dp_sentence_prediction",
         "--arch", "roberta_rgp_minilm", "--rgp-rank", str(args.rank),
         "--batch-size", str(args.dp_micro_batch), "--update-freq", str(args.dp_batch // args.dp_micro_batch),
-        "--lr", str(args.dp_lr), "--lr-scheduler", "fixed", "--clip-norm", "0",
+        "--lr", str(args.dp_lr), *dp_schedule(args), "--clip-norm", "0",
         "--dp-clip-norm", str(args.clip_norm), "--dp-target-epsilon", str(epsilon),
         "--dp-delta", str(args.delta), "--dp-accountant", "prv",
     ]
@@ -215,6 +223,8 @@ def main(argv=None):
     p.add_argument("--dp-batch", type=int, default=1000, help="logical batch of the RGP runs")
     p.add_argument("--dp-micro-batch", type=int, default=50)
     p.add_argument("--dp-lr", type=float, default=1e-3)
+    p.add_argument("--dp-schedule", choices=["fixed", "linear"], default="linear")
+    p.add_argument("--dp-warmup", type=int, default=2, help="warm-up updates of the linear schedule")
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--log-interval", type=int, default=20)
@@ -232,6 +242,7 @@ def main(argv=None):
     start = time.time()
     ckpt_dir, bin_dir, n_train, summary = prepare(args)
     args.np_updates = args.epochs * -(-n_train // args.np_batch)
+    args.dp_updates = args.epochs * -(-(-(-n_train // args.dp_micro_batch)) // (args.dp_batch // args.dp_micro_batch))
     settings = {k: v for k, v in vars(args).items() if k not in ("table", "out", "work_dir", "data")}
     settings.update(train_examples=n_train, dev_examples=summary["splits"]["valid"]["examples"],
                     token_lengths=summary["splits"], data=os.path.abspath(args.data),

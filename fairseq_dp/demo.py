@@ -30,6 +30,7 @@ def train_command(data: str, restore: str, out: str, args) -> list:
         "--cpu", "--num-workers", "0", "--seed", str(args.seed),
         "--task", "dp_sentence_prediction", "--criterion", "dp_sentence_prediction",
         "--arch", "roberta_rgp_minilm", "--rgp-rank", str(args.rank),
+        "--rgp-carrier-source", args.carrier_source,
         "--restore-file", restore, "--reset-optimizer", "--reset-dataloader",
         "--reset-meters", "--reset-lr-scheduler",
         "--num-classes", "2", "--init-token", "0", "--separator-token", "2", "--max-positions", "512",
@@ -83,6 +84,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--carrier-source", choices=["weight", "update"], default="weight")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.batch_size % args.micro_batch:
