@@ -35,7 +35,8 @@ def train_command(data: str, restore: str, out: str, args) -> list:
         "--reset-meters", "--reset-lr-scheduler",
         "--num-classes", "2", "--init-token", "0", "--separator-token", "2", "--max-positions", "512",
         "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6", "--lr", str(args.lr),
-        "--lr-scheduler", "fixed", "--clip-norm", "0",
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(args.warmup),
+        "--total-num-update", str(planned_updates(data, args)), "--clip-norm", "0",
         "--batch-size", str(args.micro_batch), "--update-freq", str(args.batch_size // args.micro_batch),
         "--max-epoch", str(args.epochs),
         "--dp-clip-norm", str(args.clip_norm), "--dp-target-epsilon", str(args.epsilon),
@@ -44,6 +45,15 @@ def train_command(data: str, restore: str, out: str, args) -> list:
         "--no-epoch-checkpoints", "--save-dir", os.path.join(out, "checkpoints"),
         "--log-format", "simple", "--log-interval", "1", "--log-file", os.path.join(out, "train.log"),
     ]
+
+
+def planned_updates(data: str, args) -> int:
+    """Updates of the whole run, for the linear decay (as the DP task plans them)."""
+    from fairseq.data import data_utils
+
+    n = len(data_utils.load_indexed_dataset(os.path.join(data, "input0", "train"), None))
+    batches = -(-n // args.micro_batch)
+    return args.epochs * -(-batches // (args.batch_size // args.micro_batch))
 
 
 def run(cmd: list) -> list:
@@ -73,15 +83,16 @@ def main(argv=None):
                    "single-sentence binary task). Default: a task the demo generates")
     p.add_argument("--out", default="demo_output", help="where the checkpoint, data and logs go")
     p.add_argument("--train-examples", type=int, default=None,
-                   help="fixed random subset of the training rows (default: 1600 generated "
+                   help="fixed random subset of the training rows (default: 4000 generated "
                    "sentences, or 4000 rows of --data; 0 uses all of --data)")
     p.add_argument("--max-length", type=int, default=48, help="tokens per example, [CLS]/[SEP] included")
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=200, help="logical batch")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=500, help="logical batch")
     p.add_argument("--micro-batch", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, then linear decay to 0)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up updates")
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--carrier-source", choices=["weight", "update"], default="weight")
@@ -103,7 +114,7 @@ def main(argv=None):
 
     tsv = os.path.join(args.out, "tsv")
     if args.data is None:
-        n = args.train_examples or 1600
+        n = args.train_examples or 4000
         write_sentiment_tsv(tsv, n, 400, seed=args.seed)
         print(f"[demo] generated {n} training and 400 dev sentences in {tsv}", flush=True)
     else:
