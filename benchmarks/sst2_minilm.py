@@ -64,7 +64,6 @@ def common_flags(args, data, restore, save_dir) -> list:
         "--restore-file", restore, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
         "--reset-lr-scheduler", "--num-classes", "2", "--init-token", "0", "--separator-token", "2",
         "--max-positions", "512", "--max-epoch", str(args.epochs),
-        "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6",
         "--log-format", "simple", "--log-interval", str(args.log_interval),
         "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
         "--no-save", "--save-dir", save_dir,
@@ -76,10 +75,19 @@ def non_private_command(args, data, restore, save_dir) -> list:
         "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--arch", "roberta",
         "--encoder-layers", "6", "--encoder-embed-dim", "384", "--encoder-ffn-embed-dim", "1536",
         "--encoder-attention-heads", "12",
-        "--batch-size", str(args.np_batch), "--lr", str(args.np_lr),
+        *ADAM, "--batch-size", str(args.np_batch), "--lr", str(args.np_lr),
         "--lr-scheduler", "polynomial_decay", "--total-num-update", str(args.np_updates),
         "--warmup-updates", str(max(1, args.np_updates // 10)), "--clip-norm", "1.0",
     ]
+
+
+ADAM = ["--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6"]
+
+
+def dp_optimizer(args) -> list:
+    # Adam moves every coordinate by about lr per step whatever its signal-to-noise
+    # ratio; with few noisy updates SGD moves each by its (mostly noise-free) mean
+    return ADAM if args.dp_optimizer == "adam" else ["--optimizer", "sgd", "--momentum", str(args.dp_momentum)]
 
 
 def dp_schedule(args) -> list:
@@ -95,7 +103,7 @@ def rgp_command(args, data, restore, save_dir, epsilon) -> list:
         "--task", "dp_sentence_prediction", "--criterion", "dp_sentence_prediction",
         "--arch", "roberta_rgp_minilm", "--rgp-rank", str(args.rank),
         "--batch-size", str(args.dp_micro_batch), "--update-freq", str(args.dp_batch // args.dp_micro_batch),
-        "--lr", str(args.dp_lr), *dp_schedule(args), "--clip-norm", "0",
+        *dp_optimizer(args), "--lr", str(args.dp_lr), *dp_schedule(args), "--clip-norm", "0",
         "--dp-clip-norm", str(args.clip_norm), "--dp-target-epsilon", str(epsilon),
         "--dp-delta", str(args.delta), "--dp-accountant", "prv",
     ]
@@ -160,7 +168,7 @@ def save(result: dict, path: str) -> None:
 def table(result: dict) -> str:
     s = result["settings"]
     rows = [
-        "| run | ε (δ = 1e-5) | σ | dev accuracy, final | best epoch | updates | logical batch | lr | wall |",
+        "| run | ε (δ = 1e-5) | σ | dev accuracy, final | best over epochs | updates | logical batch | optimizer, peak lr | wall |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["runs"]:
@@ -168,10 +176,10 @@ def table(result: dict) -> str:
         eps = f"{r['epsilon']:.2f} (target {r['target_epsilon']:g})" if private else "∞"
         sigma = f"{r['sigma']:.3f}" if private and r["sigma"] is not None else "–"
         batch = s["dp_batch"] if private else s["np_batch"]
-        lr = s["dp_lr"] if private else s["np_lr"]
+        lr = f"{s.get('dp_optimizer', 'adam')} {s['dp_lr']:g}" if private else f"adam {s['np_lr']:g}"
         rows.append(
             f"| {r['method']} | {eps} | {sigma} | {r['accuracy_final']:.1f} % | {r['accuracy_best']:.1f} % "
-            f"| {r['updates']} | {batch} | {lr:g} | {r['wall_s'] / 60:.0f} min |"
+            f"| {r['updates']} | {batch} | {lr} | {r['wall_s'] / 60:.0f} min |"
         )
     return "\n".join(rows)
 
@@ -223,6 +231,8 @@ def main(argv=None):
     p.add_argument("--dp-batch", type=int, default=1000, help="logical batch of the RGP runs")
     p.add_argument("--dp-micro-batch", type=int, default=50)
     p.add_argument("--dp-lr", type=float, default=1e-3)
+    p.add_argument("--dp-optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--dp-momentum", type=float, default=0.0, help="SGD momentum of the RGP runs")
     p.add_argument("--dp-schedule", choices=["fixed", "linear"], default="linear")
     p.add_argument("--dp-warmup", type=int, default=2, help="warm-up updates of the linear schedule")
     p.add_argument("--clip-norm", type=float, default=1.0)
