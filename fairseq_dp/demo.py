@@ -34,7 +34,7 @@ def train_command(data: str, restore: str, out: str, args) -> list:
         "--restore-file", restore, "--reset-optimizer", "--reset-dataloader",
         "--reset-meters", "--reset-lr-scheduler",
         "--num-classes", "2", "--init-token", "0", "--separator-token", "2", "--max-positions", "512",
-        "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6", "--lr", str(args.lr),
+        *optimizer_flags(args), "--lr", str(args.lr),
         "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(args.warmup),
         "--total-num-update", str(planned_updates(data, args)), "--clip-norm", "0",
         "--batch-size", str(args.micro_batch), "--update-freq", str(args.batch_size // args.micro_batch),
@@ -45,6 +45,14 @@ def train_command(data: str, restore: str, out: str, args) -> list:
         "--no-epoch-checkpoints", "--save-dir", os.path.join(out, "checkpoints"),
         "--log-format", "simple", "--log-interval", "1", "--log-file", os.path.join(out, "train.log"),
     ]
+
+
+def optimizer_flags(args) -> list:
+    # with few noisy updates SGD moves each coordinate by its mean gradient, while
+    # Adam moves every coordinate by about lr, noise-dominated ones included
+    if args.optimizer == "sgd":
+        return ["--optimizer", "sgd", "--momentum", "0"]
+    return ["--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6"]
 
 
 def planned_updates(data: str, args) -> int:
@@ -89,9 +97,10 @@ def main(argv=None):
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=500, help="logical batch")
+    p.add_argument("--batch-size", type=int, default=200, help="logical batch")
     p.add_argument("--micro-batch", type=int, default=50)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, then linear decay to 0)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (linear warm-up, then linear decay to 0)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up updates")
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=1)
