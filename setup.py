@@ -34,8 +34,19 @@ setup(
         "cython",
         "scikit-learn",
         "packaging",
+        # checkpoint conversion and GLUE preparation (neither needs torch from pip)
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0"],
+        # transformers: the independent reference for the conversion tests
+        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0", "transformers>=4.40"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fairseq-dp-convert = fairseq_dp.convert:main",
+            "fairseq-dp-prepare-glue = fairseq_dp.prepare_glue:main",
+        ],
     },
 )

@@ -5,8 +5,12 @@ Each sentence mixes a few neutral words with one to four "positive" or
 "negative" cue words; the label is the cue polarity, flipped for
 ``label_noise`` of the examples. ``n_cues`` limits the cue vocabulary: a
 "public" set that uses only some cues gives a stand-in for a pretrained model,
-which DP fine-tuning on the full "private" set then improves. Used by
-``make demo`` and the end-to-end tests until real data is given.
+which DP fine-tuning on the full "private" set then improves. Used by the
+end-to-end tests.
+
+``write_sentiment_tsv`` writes English movie-review-like sentences in GLUE
+SST-2 format for ``make demo``, which tokenizes them with the converted
+checkpoint's WordPiece vocabulary through ``fairseq_dp.prepare_glue``.
 """
 
 import os
@@ -99,3 +103,49 @@ if __name__ == "__main__":
     p.add_argument("--n-cues", type=int, default=len(POSITIVE))
     a = p.parse_args()
     print(make_synthetic_dataset(a.dest_dir, a.n_train, a.n_valid, a.seed, a.n_cues))
+
+
+# English sentences for the demo on the converted MiniLM checkpoint: real words,
+# so that its WordPiece vocabulary and pretrained encoder have something to read.
+# Negation flips a cue, so a bag of cue words is not enough.
+SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the story", "the soundtrack",
+            "the director 's new picture", "the second half", "the cast", "the script", "every scene",
+            "the ending", "the dialogue", "the camera work", "the sequel"]
+POSITIVE_WORDS = ["wonderful", "moving", "brilliant", "charming", "delightful", "gripping", "funny",
+                  "beautiful", "smart", "touching", "memorable", "fresh"]
+NEGATIVE_WORDS = ["dull", "boring", "clumsy", "tedious", "awful", "predictable", "shallow", "messy",
+                  "lifeless", "forgettable", "annoying", "stale"]
+ADVERBS = ["", "", "really ", "quite ", "surprisingly ", "truly ", "rather ", "utterly "]
+FILLERS = ["", "", "", "to be honest , ", "in the end , ", "for the most part , ", "at times , ",
+           "from start to finish , ", "as expected , "]
+TAILS = ["", "", " for a friday night", " despite the long running time", " , and the audience knew it",
+         " in its own way", " , which surprised me"]
+
+
+def sentiment_sentence(label: int, rng: random.Random) -> str:
+    negate = rng.random() < 0.3
+    polarity = label if not negate else 1 - label
+    adjective = rng.choice(POSITIVE_WORDS if polarity else NEGATIVE_WORDS)
+    verb = rng.choice(["is", "was", "feels", "seemed"])
+    negation = rng.choice(["not ", "never ", "hardly "]) if negate else ""
+    words = f"{rng.choice(FILLERS)}{rng.choice(SUBJECTS)} {verb} {negation}{rng.choice(ADVERBS)}{adjective}"
+    if rng.random() < 0.4:  # a second clause of either polarity, weaker cue
+        other = rng.choice(POSITIVE_WORDS + NEGATIVE_WORDS)
+        words += f" , although {rng.choice(SUBJECTS)} {rng.choice(['is', 'was'])} a bit {other}"
+    return words + rng.choice(TAILS) + " ."
+
+
+def write_sentiment_tsv(out_dir: str, n_train: int, n_dev: int, seed: int = 0, label_noise: float = 0.05) -> str:
+    """GLUE SST-2-format ``train.tsv`` and ``dev.tsv`` (``sentence<TAB>label``)."""
+    rng = random.Random(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write("sentence\tlabel\n")
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                sentence = sentiment_sentence(label, rng)
+                if rng.random() < label_noise:
+                    label = 1 - label
+                f.write(f"{sentence}\t{label}\n")
+    return out_dir

@@ -10,6 +10,8 @@ names equal plain RoBERTa's, so fairseq RoBERTa checkpoints load unchanged.
 
 import logging
 
+from torch import nn
+
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.roberta.model import (
     RobertaEncoder,
@@ -32,6 +34,7 @@ RGP_DEFAULTS = {
     "rgp_power_iters": 1,
     "rgp_carrier_source": "weight",
     "rgp_reference_projection": False,
+    "layer_norm_eps": 1e-5,  # fairseq's LayerNorm default
 }
 
 
@@ -110,6 +113,10 @@ class RobertaRGPModel(RobertaModel):
             help="rebuild weight gradients with the published code's '+ L Lt dL R' "
             "instead of the projection's '-' (only to reproduce published numbers)",
         )
+        parser.add_argument(
+            "--layer-norm-eps", type=float, metavar="EPS",
+            help="epsilon of every LayerNorm (fairseq: 1e-5; converted BERT checkpoints: 1e-12)",
+        )
 
     @classmethod
     def build_model(cls, args, task):
@@ -133,6 +140,9 @@ class RobertaRGPModel(RobertaModel):
         model = cls(args, RGPRobertaEncoder(args, task.source_dictionary))
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = args.layer_norm_eps
         for param in model.parameters():
             param.requires_grad_(False)
         for module in model.low_rank_modules():
@@ -166,4 +176,15 @@ def roberta_rgp_base_architecture(args):
 @register_model_architecture("roberta_rgp", "roberta_rgp_large")
 def roberta_rgp_large_architecture(args):
     roberta_large_architecture(args)
+    base_rgp_architecture(args)
+
+
+@register_model_architecture("roberta_rgp", "roberta_rgp_minilm")
+def roberta_rgp_minilm_architecture(args):
+    """MiniLM-L6-H384 (all-MiniLM-L6-v2) as ``fairseq_dp.convert`` writes it."""
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 6)
+    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 384)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 1536)
+    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 12)
+    args.layer_norm_eps = safe_getattr(args, "layer_norm_eps", 1e-12)
     base_rgp_architecture(args)
