@@ -80,6 +80,8 @@ def check_plain_weights(name: str, module: nn.Module) -> None:
             "--spectral-norm-classification-head, weight norm). Remove that option or "
             "freeze the module"
         )
+
+
 class _OutputGradTap(torch.autograd.Function):
     """Identity on a module's output whose backward hands the output gradient
     to ``record`` (slot 2). A copy, not a view, so that fairseq may change it in

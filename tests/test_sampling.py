@@ -9,7 +9,7 @@ from fairseq.logging import metrics
 from fairseq.trainer import Trainer
 from scipy import stats
 
-from fairseq_dp.data.poisson import draw_poisson_batches
+from fairseq_dp.data.poisson import draw_logical_batch
 
 from helpers import build, data_dir, train_args
 
@@ -23,7 +23,8 @@ def data(tmp_path_factory):
 
 def test_inclusion_frequencies_and_batch_sizes_follow_the_poisson_law():
     draws, chunks = 5000, 3
-    batches = draw_poisson_batches(N, Q, draws, chunks, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    batches = [b for _ in range(draws) for b in draw_logical_batch(N, Q, chunks, rng)]
     assert len(batches) == draws * chunks
     counts = np.zeros(N)
     sizes = []
@@ -47,7 +48,8 @@ def test_inclusion_frequencies_and_batch_sizes_follow_the_poisson_law():
 
 
 def test_empty_draws_happen_at_small_rates():
-    batches = draw_poisson_batches(50, 0.01, 400, 1, np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    batches = [b for _ in range(400) for b in draw_logical_batch(50, 0.01, 1, rng)]
     empty = sum(len(b) == 0 for b in batches)
     # P(empty) = 0.99**50 ≈ 0.605
     assert stats.binomtest(empty, 400, 0.99**50).pvalue > 1e-3
@@ -70,7 +72,7 @@ def test_each_update_gets_one_draw_split_over_workers_and_micro_batches(data, wo
     # update t's draw comes from (seed, t): a fresh ledger starts at t = 0
     chunks = world_size * update_freq
     expected = [b for t in range(len(per_rank[0]))
-                for b in draw_poisson_batches(256, q, 1, chunks, np.random.default_rng([1, t]))]
+                for b in draw_logical_batch(256, q, chunks, np.random.default_rng([1, t]))]
     for t in range(len(per_rank[0])):
         got = sorted(i for rank in per_rank for i in sum(rank[t], []))
         draw = sorted(sum(expected[t * world_size * update_freq:(t + 1) * world_size * update_freq], []))

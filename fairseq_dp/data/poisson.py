@@ -24,20 +24,25 @@ import numpy as np
 from fairseq.data import iterators
 
 
-def draw_poisson_batches(
-    num_examples: int, sample_rate: float, num_draws: int, num_chunks: int, rng: np.random.Generator
+def draw_logical_batch(
+    num_examples: int, sample_rate: float, num_chunks: int, rng: np.random.Generator
 ) -> List[List[int]]:
-    """``num_draws`` Poisson samples of ``range(num_examples)`` at rate
-    ``sample_rate``, each shuffled and split into ``num_chunks`` (possibly
-    empty) micro-batches, in draw order."""
-    batches: List[List[int]] = []
-    for _ in range(num_draws):
-        # the size of a Bernoulli(q) subset is Binomial(N, q), and given its
-        # size the subset is uniform: the same law, in O(size) per draw
-        size = int(rng.binomial(num_examples, sample_rate))
-        chosen = rng.choice(num_examples, size=size, replace=False)
-        batches.extend(chunk.tolist() for chunk in np.array_split(chosen, num_chunks))
-    return batches
+    """One Poisson sample of ``range(num_examples)`` at rate ``sample_rate``,
+    shuffled and split into ``num_chunks`` (possibly empty) micro-batches."""
+    # the size of a Bernoulli(q) subset is Binomial(N, q), and given its size
+    # the subset is uniform: the same law, in O(size) per draw
+    size = int(rng.binomial(num_examples, sample_rate))
+    chosen = rng.choice(num_examples, size=size, replace=False)
+    return [chunk.tolist() for chunk in np.array_split(chosen, num_chunks)]
+
+
+def draws_for_epoch(
+    num_examples: int, sample_rate: float, first_draw: int, num_draws: int, num_chunks: int, seed: int
+) -> List[List[int]]:
+    """The micro-batches of draws ``first_draw`` .. ``first_draw + num_draws - 1``
+    of the ledger, draw t from a generator seeded by (seed, t)."""
+    return [batch for t in range(first_draw, first_draw + num_draws)
+            for batch in draw_logical_batch(num_examples, sample_rate, num_chunks, np.random.default_rng([seed, t]))]
 
 
 def draws_per_epoch(num_examples: int, expected_batch_size: int) -> int:

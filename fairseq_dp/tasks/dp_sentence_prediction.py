@@ -20,7 +20,7 @@ from fairseq.tasks.sentence_prediction import SentencePredictionConfig, Sentence
 from omegaconf import II
 
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
-from ..data.poisson import PoissonEpochBatchIterator, draw_poisson_batches, draws_per_epoch
+from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
 from ..prepare import freeze_patterns, prepare_model_for_dp
 from ..trainer import CLIPPING_MODES, DPTrainer, PrivacyBudgetExhausted, unwrap_model
 
@@ -192,10 +192,9 @@ class DPSentencePredictionTask(SentencePredictionTask):
         self.noise_multiplier: Optional[float] = None
         self.sample_rate: Optional[float] = None
         self.dp_trainer: Optional[DPTrainer] = None
-        self.train_size: Optional[int] = None
         self.budget_steps: Optional[int] = None
         self._stop_update_set = False
-        # Poisson draws are a function of this and the epoch; from --seed they
+        # Poisson draw t is a function of this and t; from --seed the draws
         # are reproducible (and exactly resumable), from the OS they are secret
         self._sampling_seed: Optional[int] = None if cfg.dp_secure_rng else int(cfg.seed)
 
@@ -278,7 +277,6 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 "DP: noise and samples come from generators seeded by --seed; anyone who knows "
                 "the seed can reproduce them. Use --dp-secure-rng for a deployment"
             )
-        self.train_size = dataset_size
         self.configure_budget(updates)
         if self.dp_trainer is not None:
             self._configure_trainer(self.dp_trainer)
@@ -413,9 +411,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
             # draw t of the ledger always comes from (seed, t): a resumed run
             # gets the draws of an uninterrupted one, and a run continuing
             # from weights with a ledger never repeats their draws
-            return [batch for t in range(first_draw, first_draw + draws)
-                    for batch in draw_poisson_batches(num_examples, q, 1, chunks,
-                                                      np.random.default_rng([seed, t]))]
+            return draws_for_epoch(num_examples, q, first_draw, draws, chunks, seed)
 
         dataset.set_epoch(epoch)
         return PoissonEpochBatchIterator(
