@@ -258,9 +258,11 @@ class DPSentencePredictionTask(SentencePredictionTask):
             f"σ={self.noise_multiplier:.6g}, δ={self.cfg.dp_delta}, accountant {self.cfg.dp_accountant}"
         )
         if updates is not None and self.noise_multiplier > 0:
-            probe = PrivacyAccountant(self.cfg.dp_accountant)
-            probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=updates)
-            logger.info(f"DP: ε after the planned {updates} updates: {probe.get_epsilon(self.cfg.dp_delta):.4g}")
+            planned_eps = PrivacyAccountant(self.cfg.dp_accountant).epsilon_after(
+                self.cfg.dp_delta, noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate, num_steps=updates,
+            )
+            logger.info(f"DP: ε after the planned {updates} updates: {planned_eps:.4g}")
         if self.noise_multiplier == 0:
             logger.warning(
                 "DP: --dp-noise-multiplier 0: per-example clipping without noise. "
