@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -133,8 +132,11 @@ def wait(procs: dict, poll_s: float = 60.0) -> None:
 
 
 def values(lines, tag: str, key: str) -> list:
-    pattern = re.compile(rf"\| {tag} \|.*\| {key} ([0-9.e+-]+|inf)")
-    return [float(m.group(1)) for line in lines for m in [pattern.search(line)] if m]
+    # the demo's parser of fairseq's epoch summaries (imported late: fairseq_dp
+    # imports fairseq, which `--table` does not need)
+    from fairseq_dp.demo import values as summary_values
+
+    return summary_values(lines, tag, key)
 
 
 def summarize(lines, wall: float) -> dict:
