@@ -35,12 +35,13 @@ def train_command(data: str, restore: str, out: str, args) -> list:
         "--reset-meters", "--reset-lr-scheduler",
         "--num-classes", "2", "--init-token", "0", "--separator-token", "2", "--max-positions", "512",
         *optimizer_flags(args), "--lr", str(args.lr),
-        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(args.warmup),
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(warmup_updates(data, args)),
         "--total-num-update", str(planned_updates(data, args)), "--clip-norm", "0",
         "--batch-size", str(args.micro_batch), "--update-freq", str(args.batch_size // args.micro_batch),
         "--max-epoch", str(args.epochs),
         "--dp-clip-norm", str(args.clip_norm), "--dp-target-epsilon", str(args.epsilon),
         "--dp-delta", str(args.delta), "--dp-accountant", "prv",
+        *(["--dp-freeze", args.freeze] if args.freeze else []),
         "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
         "--no-epoch-checkpoints", "--save-dir", os.path.join(out, "checkpoints"),
         "--log-format", "simple", "--log-interval", "1", "--log-file", os.path.join(out, "train.log"),
@@ -53,6 +54,10 @@ def optimizer_flags(args) -> list:
     if args.optimizer == "sgd":
         return ["--optimizer", "sgd", "--momentum", "0"]
     return ["--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6"]
+
+
+def warmup_updates(data: str, args) -> int:
+    return args.warmup if args.warmup is not None else max(1, planned_updates(data, args) // 10)
 
 
 def planned_updates(data: str, args) -> int:
@@ -96,15 +101,19 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=48, help="tokens per example, [CLS]/[SEP] included")
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=200, help="logical batch")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=100, help="logical batch")
     p.add_argument("--micro-batch", type=int, default=50)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (linear warm-up, then linear decay to 0)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up updates")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, then linear decay to 0)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up updates (default: a tenth of the run)")
     p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--carrier-source", choices=["weight", "update"], default="weight")
+    # the head's fresh E x E dense layer would hold most of the DP-trained
+    # coordinates, hence most of the noise; frozen, only its out_proj trains
+    p.add_argument("--freeze", default=r"classification_heads\..*\.dense",
+                   help="--dp-freeze: parameters kept at their initial values ('' trains the whole head)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.batch_size % args.micro_batch:

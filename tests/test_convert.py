@@ -92,7 +92,8 @@ def fairseq_hidden_states(task, model):
     return tokens, features
 
 
-@pytest.mark.parametrize("arch", [["--arch", "roberta_rgp_minilm"]], ids=["roberta_rgp_minilm"])
+@pytest.mark.parametrize("arch", [["--arch", "roberta_rgp_minilm"], ["--arch", "roberta_pooled_minilm"]],
+                         ids=["roberta_rgp_minilm", "roberta_pooled_minilm"])
 def test_minilm_hidden_states_match_transformers(minilm, sst_like, arch):
     task, model = task_model(sst_like, os.path.join(minilm[0], "model.pt"), arch)
     tokens, features = fairseq_hidden_states(task, model)
@@ -112,6 +113,24 @@ def test_minilm_hidden_states_match_transformers(minilm, sst_like, arch):
     difference = (features - reference)[mask].abs().max().item()
     assert difference < 1e-4, difference
     assert reference[mask].abs().max() > 1  # not a trivially small comparison
+
+
+def test_mean_pooled_head_reads_the_sentence_transformers_embedding(minilm, sst_like):
+    """The _minilm archs pool as all-MiniLM-L6-v2 was trained: the head's input is
+    sentence-transformers' mean of transformers' states over the attention mask."""
+    task, model = task_model(sst_like, os.path.join(minilm[0], "model.pt"), ["--arch", "roberta_rgp_minilm"])
+    assert model.args.classification_pooling == "mean"
+    tokens, _ = fairseq_hidden_states(task, model)
+    head = model.classification_heads["sentence_classification_head"]
+    enc, reference, _ = reference_hidden_states(SENTENCES)
+    mask = enc["attention_mask"].unsqueeze(-1).to(reference.dtype)
+    embedding = (reference * mask).sum(1) / mask.sum(1)
+    with torch.no_grad():
+        logits, _ = model(tokens, classification_head_name="sentence_classification_head")
+        expected = head(embedding.unsqueeze(1))
+        first_token = head(reference[:, :1])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert (logits - first_token).abs().max() > 1e-3
 
 
 def test_plain_fairseq_roberta_loads_the_checkpoint_strictly(minilm, sst_like):

@@ -23,11 +23,11 @@ def data(tmp_path_factory):
     return data_dir(tmp_path_factory, n_train=64, n_valid=16)
 
 
-def make(data, sigma, rank=2, clip=1.0, dtype=torch.float64):
+def make(data, sigma, rank=2, clip=1.0, dtype=torch.float64, extra=()):
     argv = train_args(
         data, "--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "1",
         "--update-freq", str(UPDATE_FREQ), "--rgp-rank", str(rank), "--dp-clip-norm", str(clip),
-        *NO_DROPOUT, noise=("--dp-noise-multiplier", str(sigma)),
+        *NO_DROPOUT, *extra, noise=("--dp-noise-multiplier", str(sigma)),
     )
     argv[argv.index("--batch-size") + 1] = str(B_MICRO)
     i = argv.index("--optimizer")
@@ -105,9 +105,10 @@ def median_clip(task, criterion, samples, dtype=torch.float64):
     return norms.median().item()
 
 
-@pytest.mark.parametrize("rank", [1, 3])
-def test_train_step_matches_per_example_loop_float64(data, rank):
-    cfg, task, model, criterion = make(data, sigma=0.0, rank=rank)
+@pytest.mark.parametrize("rank,pooling", [(1, "cls"), (3, "cls"), (2, "mean")])
+def test_train_step_matches_per_example_loop_float64(data, rank, pooling):
+    cfg, task, model, criterion = make(data, sigma=0.0, rank=rank,
+                                       extra=("--classification-pooling", pooling))
     samples = [batch(task, size=B_MICRO, start=0), batch(task, size=B_MICRO, start=B_MICRO)]
     clip = median_clip(task, criterion, samples)
     task.dp_trainer.clip_norm = clip

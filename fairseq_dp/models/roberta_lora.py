@@ -25,6 +25,14 @@ from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr
 
 from ..modules import LoRALinear
+from .sentence_encoder import (
+    PooledClassificationMixin,
+    add_sentence_encoder_args,
+    check_sentence_encoder_args,
+    minilm_architecture,
+    sentence_encoder_architecture,
+    set_layer_norm_eps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +64,11 @@ def lora_scaling(args) -> float:
 
 
 @register_model("roberta_lora")
-class RobertaLoRAModel(RobertaModel):
+class RobertaLoRAModel(PooledClassificationMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
+        add_sentence_encoder_args(parser)
         parser.add_argument("--lora-rank", type=int, metavar="R",
                             help="rank of the LoRA factors B (out x R) and A (R x in)")
         parser.add_argument("--lora-alpha", type=float, metavar="A",
@@ -74,8 +83,10 @@ class RobertaLoRAModel(RobertaModel):
         base_lora_architecture(args)
         if args.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+        check_sentence_encoder_args(args)
         targets = parse_targets(args.lora_targets)
         model = super().build_model(args, task)
+        set_layer_norm_eps(model, args.layer_norm_eps)
         for layer in model.modules():
             if not isinstance(layer, TransformerEncoderLayerBase):
                 continue
@@ -125,6 +136,7 @@ def base_lora_architecture(args):
             setattr(args, name, default)
     if safe_getattr(args, "lora_alpha", None) is None:
         args.lora_alpha = float(args.lora_rank)
+    sentence_encoder_architecture(args)
     base_architecture(args)
 
 
@@ -137,4 +149,10 @@ def roberta_lora_base_architecture(args):
 @register_model_architecture("roberta_lora", "roberta_lora_large")
 def roberta_lora_large_architecture(args):
     roberta_large_architecture(args)
+    base_lora_architecture(args)
+
+
+@register_model_architecture("roberta_lora", "roberta_lora_minilm")
+def roberta_lora_minilm_architecture(args):
+    minilm_architecture(args)
     base_lora_architecture(args)

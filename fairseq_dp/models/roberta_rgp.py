@@ -10,7 +10,6 @@ names equal plain RoBERTa's, so fairseq RoBERTa checkpoints load unchanged.
 
 import logging
 
-from torch import nn
 
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.roberta.model import (
@@ -25,6 +24,14 @@ from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr, safe_hasattr
 
 from ..modules import LowRankLinear, LowRankMultiheadAttention
+from .sentence_encoder import (
+    minilm_architecture,
+    PooledClassificationMixin,
+    add_sentence_encoder_args,
+    check_sentence_encoder_args,
+    sentence_encoder_architecture,
+    set_layer_norm_eps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +41,6 @@ RGP_DEFAULTS = {
     "rgp_power_iters": 1,
     "rgp_carrier_source": "weight",
     "rgp_reference_projection": False,
-    "layer_norm_eps": 1e-5,  # fairseq's LayerNorm default
 }
 
 
@@ -89,10 +95,11 @@ class RGPRobertaEncoder(RobertaEncoder):
 
 
 @register_model("roberta_rgp")
-class RobertaRGPModel(RobertaModel):
+class RobertaRGPModel(PooledClassificationMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
+        add_sentence_encoder_args(parser)
         parser.add_argument(
             "--rgp-rank", type=int, metavar="R",
             help="rank of the gradient carriers L (out x R) and R (R x in) of every "
@@ -113,14 +120,11 @@ class RobertaRGPModel(RobertaModel):
             help="rebuild weight gradients with the published code's '+ L Lt dL R' "
             "instead of the projection's '-' (only to reproduce published numbers)",
         )
-        parser.add_argument(
-            "--layer-norm-eps", type=float, metavar="EPS",
-            help="epsilon of every LayerNorm (fairseq: 1e-5; converted BERT checkpoints: 1e-12)",
-        )
 
     @classmethod
     def build_model(cls, args, task):
         base_rgp_architecture(args)
+        check_sentence_encoder_args(args)
         if args.rgp_rank < 1:
             raise ValueError(f"--rgp-rank must be >= 1, got {args.rgp_rank}")
         if args.rgp_power_iters < 1:
@@ -140,9 +144,7 @@ class RobertaRGPModel(RobertaModel):
         model = cls(args, RGPRobertaEncoder(args, task.source_dictionary))
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.eps = args.layer_norm_eps
+        set_layer_norm_eps(model, args.layer_norm_eps)
         for param in model.parameters():
             param.requires_grad_(False)
         for module in model.low_rank_modules():
@@ -164,6 +166,7 @@ def base_rgp_architecture(args):
     for name, default in RGP_DEFAULTS.items():
         if safe_getattr(args, name, None) is None:
             setattr(args, name, default)
+    sentence_encoder_architecture(args)
     base_architecture(args)
 
 
@@ -182,9 +185,5 @@ def roberta_rgp_large_architecture(args):
 @register_model_architecture("roberta_rgp", "roberta_rgp_minilm")
 def roberta_rgp_minilm_architecture(args):
     """MiniLM-L6-H384 (all-MiniLM-L6-v2) as ``fairseq_dp.convert`` writes it."""
-    args.encoder_layers = safe_getattr(args, "encoder_layers", 6)
-    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 384)
-    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 1536)
-    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 12)
-    args.layer_norm_eps = safe_getattr(args, "layer_norm_eps", 1e-12)
+    minilm_architecture(args)
     base_rgp_architecture(args)

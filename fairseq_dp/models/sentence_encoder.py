@@ -1,0 +1,86 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""Options every fairseq_dp RoBERTa model shares, for converted sentence encoders.
+
+``--classification-pooling``: fairseq's RoBERTa heads read the first token
+(``<s>``/``[CLS]``). Encoders trained as sentence embedders, such as
+all-MiniLM-L6-v2, were trained on the mean of their token states instead; their
+first token is a poor feature until fine-tuning has moved it, and DP's few,
+noisy updates move it little (on SST-2 a frozen MiniLM's mean state is worth
+about 5 accuracy points more than its first token).
+
+``--layer-norm-eps``: BERT checkpoints use 1e-12, fairseq 1e-5.
+"""
+
+import torch
+from torch import nn
+
+from fairseq.utils import safe_getattr
+
+POOLING_CHOICES = ("cls", "mean")
+SENTENCE_ENCODER_DEFAULTS = {"classification_pooling": "cls", "layer_norm_eps": 1e-5}
+
+
+def add_sentence_encoder_args(parser) -> None:
+    parser.add_argument(
+        "--classification-pooling", choices=POOLING_CHOICES,
+        help="input of the classification heads: the first token's state (fairseq's "
+        "RoBERTa, default) or the mean over the non-padding tokens (sentence-embedding "
+        "encoders such as all-MiniLM-L6-v2)",
+    )
+    parser.add_argument(
+        "--layer-norm-eps", type=float, metavar="EPS",
+        help="epsilon of every LayerNorm (fairseq: 1e-5; converted BERT checkpoints: 1e-12)",
+    )
+
+
+def sentence_encoder_architecture(args) -> None:
+    for name, default in SENTENCE_ENCODER_DEFAULTS.items():
+        if safe_getattr(args, name, None) is None:
+            setattr(args, name, default)
+
+
+def check_sentence_encoder_args(args) -> None:
+    if args.classification_pooling not in POOLING_CHOICES:
+        raise ValueError(
+            f"--classification-pooling must be one of {POOLING_CHOICES}, got {args.classification_pooling!r}"
+        )
+    if not args.layer_norm_eps > 0:
+        raise ValueError(f"--layer-norm-eps must be > 0, got {args.layer_norm_eps}")
+
+
+def set_layer_norm_eps(model: nn.Module, eps: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = eps
+
+
+def mean_over_tokens(features: torch.Tensor, src_tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, T, C) states and (B, T) tokens -> (B, 1, C), the mean over each row's
+    non-padding tokens, shaped so that a RoBERTa head's ``features[:, 0, :]``
+    reads the mean."""
+    keep = src_tokens.ne(pad).unsqueeze(-1).to(features.dtype)
+    return ((features * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).unsqueeze(1)
+
+
+class PooledClassificationMixin:
+    """``RobertaModel.forward`` with the heads reading ``--classification-pooling``."""
+
+    def forward(self, src_tokens, features_only=False, return_all_hiddens=False,
+                classification_head_name=None, **kwargs):
+        if classification_head_name is None or self.args.classification_pooling == "cls":
+            return super().forward(src_tokens, features_only, return_all_hiddens,
+                                   classification_head_name, **kwargs)
+        x, extra = self.encoder(src_tokens, True, return_all_hiddens, **kwargs)
+        x = mean_over_tokens(x, src_tokens, self.encoder.dictionary.pad())
+        return self.classification_heads[classification_head_name](x), extra
+
+
+def minilm_architecture(args) -> None:
+    """all-MiniLM-L6-v2 (6 layers, hidden 384) as ``fairseq_dp.convert`` writes it:
+    BERT's LayerNorm ε, and the mean pooling it was trained with as a sentence encoder."""
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 6)
+    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 384)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 1536)
+    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 12)
+    args.layer_norm_eps = safe_getattr(args, "layer_norm_eps", 1e-12)
+    args.classification_pooling = safe_getattr(args, "classification_pooling", "mean")
