@@ -7,6 +7,9 @@ Every adapted matrix becomes ``W₀ + (α / r)·B A``, the ``lora_A`` / ``lora_B
 entries are dropped and the architecture is renamed to the plain one
 (``roberta_lora_base`` → ``roberta_base``), so the result loads as a
 ``RobertaModel`` with the same outputs, in fairseq with or without the plugin.
+A model whose heads read the mean over tokens, or whose LayerNorm ε is not
+fairseq's, becomes the plugin's ``roberta_pooled`` (``_minilm``) instead, since
+stock RoBERTa cannot express either.
 The optimizer state (shaped for the adapters) is dropped; the privacy ledger
 moves from the model state to the checkpoint's top-level ``dp_ledger`` entry
 (a record of the privacy the weights spent, which stock fairseq ignores); the
@@ -21,7 +24,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from .accounting import DIGEST_KEY, LEDGER_KEY
-from .models.roberta_lora import PLAIN_ARCH
+from .models.roberta_lora import PLAIN_ARCH, POOLED_ARCH
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,11 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
         state["dp_ledger"] = ledger
     state["model"] = merge_lora_state_dict(state["model"], scaling)
     plain = PLAIN_ARCH[arch]
+    pooling, eps = get("classification_pooling") or "cls", get("layer_norm_eps") or 1e-5
+    if pooling != "cls" or eps != 1e-5:
+        plain = POOLED_ARCH[arch]
+        logger.info(f"--classification-pooling {pooling}, --layer-norm-eps {eps:g}: the merged "
+                    f"checkpoint is {plain}, which needs --user-dir fairseq_dp to load")
     if isinstance(model_cfg, dict):
         model_cfg["_name"] = plain
         if "arch" in model_cfg:

@@ -294,6 +294,27 @@ def test_lora_update_changes_the_adapters_and_merges_into_plain_roberta(data, tm
                                model(tokens, classification_head_name=head)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_mean_pooled_lora_merges_into_roberta_pooled(data, tmp_path):
+    cfg, task, model, criterion = make(data, LORA + MEAN + ["--layer-norm-eps", "1e-12"], sigma=1.0,
+                                       dtype=torch.float32)
+    cfg.checkpoint.save_dir = str(tmp_path)
+    trainer = Trainer(cfg, task, model, criterion)
+    trainer.train_step(samples_of(task))
+    src, dst = str(tmp_path / "lora.pt"), str(tmp_path / "merged.pt")
+    trainer.consolidate_optimizer()
+    trainer.save_checkpoint(src, {})
+    merge_lora_checkpoint(src, dst)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([dst])
+    merged = models[0]
+    assert type(merged).__name__ == "RobertaPooledModel"
+    assert merged.args.classification_pooling == "mean"
+    assert all(m.eps == 1e-12 for m in merged.modules() if isinstance(m, nn.LayerNorm))
+    tokens = batch(task)["net_input"]["src_tokens"]
+    head = "sentence_classification_head"
+    torch.testing.assert_close(merged.eval()(tokens, classification_head_name=head)[0],
+                               model.eval()(tokens, classification_head_name=head)[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("model_args", [FULL + ["--dp-clipping", "ghost"], LORA], ids=["full", "lora"])
 def test_fairseq_train_runs_and_logs_epsilon(data, model_args, tmp_path, caplog):
     """fairseq-train in-process: a few private updates, ε in the log; for

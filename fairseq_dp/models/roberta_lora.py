@@ -46,7 +46,11 @@ LORA_TARGETS = {
 }
 LORA_DEFAULTS = {"lora_rank": 16, "lora_targets": ",".join(LORA_TARGETS)}
 # the plain architecture each LoRA one merges into
-PLAIN_ARCH = {"roberta_lora": "roberta", "roberta_lora_base": "roberta_base", "roberta_lora_large": "roberta_large"}
+PLAIN_ARCH = {"roberta_lora": "roberta", "roberta_lora_base": "roberta_base", "roberta_lora_large": "roberta_large",
+              "roberta_lora_minilm": "roberta"}
+# merged checkpoints whose head pooling or LayerNorm ε stock RoBERTa cannot express
+POOLED_ARCH = {"roberta_lora": "roberta_pooled", "roberta_lora_base": "roberta_pooled",
+               "roberta_lora_large": "roberta_pooled", "roberta_lora_minilm": "roberta_pooled_minilm"}
 
 
 def parse_targets(spec: str):
