@@ -24,9 +24,12 @@ What differs between the two formats, and how it is handled:
   added into every position row: the sum entering the embedding LayerNorm is
   unchanged. (Second segments of sentence pairs also get type 0; fine-tuning
   adapts to that.)
-- **LayerNorm epsilon.** BERT uses 1e-12, fairseq 1e-5; ``roberta_rgp`` takes
-  ``--layer-norm-eps`` (the ``roberta_rgp_minilm`` variant sets 1e-12). Plain
-  fairseq archs load the checkpoint but keep 1e-5.
+- **LayerNorm epsilon.** BERT uses 1e-12, fairseq 1e-5; the plugin's archs take
+  ``--layer-norm-eps`` (their ``_minilm`` variants set 1e-12). Plain fairseq
+  archs load the checkpoint but keep 1e-5.
+- **Pooling.** A sentence-transformers checkpoint records how it pools
+  (``1_Pooling/config.json``); for mean or first-token pooling the printed
+  flags add ``--classification-pooling``.
 - **Heads.** A BERT or RoBERTa MLM head is converted into ``lm_head`` when the
   checkpoint has one; encoder-only checkpoints (sentence-transformers) get a
   freshly initialized ``lm_head``, which sentence prediction never uses and
@@ -164,14 +167,22 @@ def build_fairseq_model(args: Namespace, dict_path: str, layer_norm_eps: Optiona
     dictionary = SentencePredictionTask.load_dictionary(dict_path)
     model = RobertaModel(args, RobertaEncoder(args, dictionary))
     if layer_norm_eps is not None:
+        from .models.sentence_encoder import set_layer_norm_eps
+
         set_layer_norm_eps(model, layer_norm_eps)
     return model
 
 
-def set_layer_norm_eps(model: torch.nn.Module, eps: float) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.eps = eps
+def sentence_transformers_pooling(hf_dir: str) -> Optional[str]:
+    """``mean`` or ``cls`` when ``hf_dir`` is a sentence-transformers model
+    pooled that way (``1_Pooling/config.json``), else ``None``."""
+    path = os.path.join(hf_dir, "1_Pooling", "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        modes = {k for k, v in json.load(f).items() if k.startswith("pooling_mode_") and v is True}
+    return {frozenset({"pooling_mode_mean_tokens"}): "mean",
+            frozenset({"pooling_mode_cls_token"}): "cls"}.get(frozenset(modes))
 
 
 def map_weights(
@@ -301,11 +312,15 @@ def convert(hf_dir: str, out_dir: str, gpt2_encoder_json: Optional[str] = None) 
     model.load_state_dict(state, strict=True)  # every key, every shape
 
     model_flags, eps_flags = arch_flags(args, eps)
+    pooling = sentence_transformers_pooling(hf_dir)
+    if pooling is not None:
+        eps_flags += ["--classification-pooling", pooling]
     info = {
         "source": os.path.abspath(hf_dir),
         "model_type": model_type,
         "dict_tokens": "gpt2 ids" if encoder is not None else ("wordpiece" if model_type == "bert" else "bpe strings"),
         "layer_norm_eps": eps,
+        "sentence_transformers_pooling": pooling,
         "fresh_lm_head": fresh,
         "fairseq_flags": model_flags,
         "roberta_rgp_flags": model_flags + eps_flags,
@@ -353,7 +368,8 @@ def main(argv=None):
     hf_dir = minilm_dir() if a.hf_dir == "minilm" else a.hf_dir
     info = convert(hf_dir, a.out_dir, a.gpt2_encoder_json)
     print(f"wrote {a.out_dir}/model.pt, dict.txt, convert.json from {hf_dir}")
-    print("roberta_rgp flags: " + " ".join(info["roberta_rgp_flags"]))
+    print("flags for the plugin's archs (roberta_rgp, roberta_lora, roberta_pooled): "
+          + " ".join(info["roberta_rgp_flags"]))
     print("plain fairseq roberta flags: " + " ".join(info["fairseq_flags"]))
     if info["fresh_lm_head"]:
         print("no MLM head in the checkpoint: lm_head is freshly initialized (unused by sentence prediction)")

@@ -120,6 +120,8 @@ def test_mean_pooled_head_reads_the_sentence_transformers_embedding(minilm, sst_
     sentence-transformers' mean of transformers' states over the attention mask."""
     task, model = task_model(sst_like, os.path.join(minilm[0], "model.pt"), ["--arch", "roberta_rgp_minilm"])
     assert model.args.classification_pooling == "mean"
+    flags = minilm[1]["roberta_rgp_flags"]  # what the converter prints for roberta_rgp & co.
+    assert flags[flags.index("--classification-pooling") + 1] == "mean"
     tokens, _ = fairseq_hidden_states(task, model)
     head = model.classification_heads["sentence_classification_head"]
     enc, reference, _ = reference_hidden_states(SENTENCES)

@@ -2,11 +2,19 @@
 the heads' input against each example run alone without padding, and ``cls``
 against fairseq's own RoBERTa."""
 
+import argparse
+import os
+
 import pytest
 import torch
-from fairseq.models.roberta import RobertaModel
+from fairseq import checkpoint_utils
+from fairseq.models.roberta import RobertaHubInterface, RobertaModel
+from fairseq.trainer import Trainer
+from omegaconf import open_dict
 
-from helpers import batch, build, data_dir, train_args
+from fairseq_dp.models.roberta_pooled import RobertaPooledModel
+
+from helpers import PLUGIN_DIR, batch, build, data_dir, train_args
 
 SIZES = ["--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48",
          "--encoder-attention-heads", "4"]
@@ -69,3 +77,50 @@ def test_layer_norm_eps_reaches_every_layer_norm(data, arch):
 def test_bad_layer_norm_eps_is_refused(data, arch):
     with pytest.raises(ValueError, match="--layer-norm-eps must be > 0"):
         make(data, arch, "--layer-norm-eps", "0")
+
+
+def save_checkpoint(data, arch_args, path):
+    argv = train_args(data, *NO_DROPOUT, model=arch_args, noise=("--dp-noise-multiplier", "0"))
+    cfg, task, model, criterion = build(argv, dtype=torch.float32)
+    cfg.checkpoint.save_dir = os.path.dirname(path)
+    trainer = Trainer(cfg, task, model, criterion)
+    trainer.consolidate_optimizer()  # as checkpoint_utils.save_checkpoint does
+    trainer.save_checkpoint(path, {})
+    return task, model.eval()
+
+
+def test_hub_interface_predict_reads_the_pooling(data, tmp_path):
+    """fairseq's RobertaHubInterface.predict applies the head to the first token
+    itself; the plugin's models return one whose predict runs their forward."""
+    path = str(tmp_path / "pooled.pt")
+    task, model = save_checkpoint(data, ["--arch", "roberta_pooled", *SIZES, "--classification-pooling", "mean"], path)
+    hub = RobertaPooledModel.from_pretrained(str(tmp_path), checkpoint_file="pooled.pt", data_name_or_path=data,
+                                             bpe=None, user_dir=PLUGIN_DIR)
+    hub.eval()
+    tokens = task.dataset("train")[0]["net_input.src_tokens"]
+    with torch.no_grad():
+        expected, _ = model(tokens.unsqueeze(0), classification_head_name=HEAD)
+        got = hub.predict(HEAD, tokens, return_logits=True)
+        stock = RobertaHubInterface.predict(hub, HEAD, tokens, return_logits=True)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(stock, expected, atol=1e-4)
+
+
+def test_checkpoint_from_before_the_option_keeps_first_token_pooling(data, tmp_path):
+    """roberta_rgp_minilm now defaults to mean pooling; a checkpoint saved without the
+    key was trained on the first token and must load that way."""
+    path, old = str(tmp_path / "new.pt"), str(tmp_path / "old.pt")
+    save_checkpoint(data, ["--arch", "roberta_rgp_minilm", *SIZES], path)
+    state = torch.load(path, weights_only=False)
+    assert state["cfg"]["model"].classification_pooling == "mean"
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path])
+    assert models[0].args.classification_pooling == "mean"
+    model_cfg = state["cfg"]["model"]  # fairseq-train saves the model's Namespace
+    if isinstance(model_cfg, argparse.Namespace):
+        delattr(model_cfg, "classification_pooling")
+    else:
+        with open_dict(model_cfg):
+            del model_cfg["classification_pooling"]
+    torch.save(state, old)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([old])
+    assert models[0].args.classification_pooling == "cls"

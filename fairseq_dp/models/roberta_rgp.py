@@ -10,7 +10,6 @@ names equal plain RoBERTa's, so fairseq RoBERTa checkpoints load unchanged.
 
 import logging
 
-
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.roberta.model import (
     RobertaEncoder,
@@ -25,10 +24,10 @@ from fairseq.utils import safe_getattr, safe_hasattr
 
 from ..modules import LowRankLinear, LowRankMultiheadAttention
 from .sentence_encoder import (
-    minilm_architecture,
     PooledClassificationMixin,
     add_sentence_encoder_args,
     check_sentence_encoder_args,
+    minilm_architecture,
     sentence_encoder_architecture,
     set_layer_norm_eps,
 )

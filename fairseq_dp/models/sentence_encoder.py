@@ -11,10 +11,17 @@ about 5 accuracy points more than its first token).
 ``--layer-norm-eps``: BERT checkpoints use 1e-12, fairseq 1e-5.
 """
 
+import contextlib
+import logging
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fairseq.models.roberta.hub_interface import RobertaHubInterface
 from fairseq.utils import safe_getattr
+
+logger = logging.getLogger(__name__)
 
 POOLING_CHOICES = ("cls", "mean")
 SENTENCE_ENCODER_DEFAULTS = {"classification_pooling": "cls", "layer_norm_eps": 1e-5}
@@ -73,6 +80,44 @@ class PooledClassificationMixin:
         x, extra = self.encoder(src_tokens, True, return_all_hiddens, **kwargs)
         x = mean_over_tokens(x, src_tokens, self.encoder.dictionary.pad())
         return self.classification_heads[classification_head_name](x), extra
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        hub = super().from_pretrained(*args, **kwargs)
+        return PooledRobertaHubInterface(hub.cfg, hub.task, hub.model)
+
+
+class PooledRobertaHubInterface(RobertaHubInterface):
+    """fairseq's hub interface, except that ``predict`` runs the model's own
+    forward: fairseq's applies the head to ``extract_features`` itself, which
+    would read the first token whatever ``--classification-pooling`` says."""
+
+    def predict(self, head: str, tokens: torch.LongTensor, return_logits: bool = False):
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.size(-1) > self.model.max_positions():
+            raise ValueError(f"tokens exceeds maximum length: {tokens.size(-1)} > {self.model.max_positions()}")
+        logits, _ = self.model(tokens.to(device=self.device), classification_head_name=head)
+        return logits if return_logits else F.log_softmax(logits, dim=-1)
+
+
+def keep_first_token_pooling_of_old_checkpoint(model_cfg) -> None:
+    """A checkpoint saved before ``--classification-pooling`` existed has no such
+    key; its heads were trained on the first token, which the ``_minilm`` archs'
+    ``mean`` default would silently replace. (A new command line or config
+    always has the key, ``None`` when the flag is not given.)"""
+    from omegaconf import OmegaConf, open_dict
+
+    if isinstance(model_cfg, dict) or OmegaConf.is_config(model_cfg):
+        if "classification_pooling" in model_cfg:
+            return
+        with open_dict(model_cfg) if OmegaConf.is_config(model_cfg) else contextlib.nullcontext():
+            model_cfg["classification_pooling"] = "cls"
+    elif hasattr(model_cfg, "classification_pooling"):
+        return
+    else:
+        model_cfg.classification_pooling = "cls"
+    logger.warning("the checkpoint predates --classification-pooling: its heads keep reading the first token")
 
 
 def minilm_architecture(args) -> None:

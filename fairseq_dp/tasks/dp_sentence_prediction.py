@@ -21,6 +21,7 @@ from omegaconf import II
 
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
+from ..models.sentence_encoder import keep_first_token_pooling_of_old_checkpoint
 from ..prepare import freeze_patterns, prepare_model_for_dp
 from ..trainer import CLIPPING_MODES, DPTrainer, PrivacyBudgetExhausted, unwrap_model
 
@@ -338,6 +339,8 @@ class DPSentencePredictionTask(SentencePredictionTask):
                     "outside the modules whose per-example gradients DP clips, so its gradient "
                     "would be dropped; set it to 0 with DP"
                 )
+        if from_checkpoint:
+            keep_first_token_pooling_of_old_checkpoint(cfg)
         model = super().build_model(cfg, from_checkpoint)
         keep_ledger_with_weights(model, self.accountant)
         prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
