@@ -56,8 +56,10 @@ def check_sentence_encoder_args(args) -> None:
 
 
 def set_layer_norm_eps(model: nn.Module, eps: float) -> None:
+    # fairseq builds apex's FusedLayerNorm instead of nn.LayerNorm when apex and
+    # CUDA are there; both keep normalized_shape and eps
     for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, nn.LayerNorm) or (hasattr(module, "normalized_shape") and hasattr(module, "eps")):
             module.eps = eps
 
 
