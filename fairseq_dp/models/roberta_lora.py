@@ -26,12 +26,10 @@ from fairseq.utils import safe_getattr
 
 from ..modules import LoRALinear
 from .sentence_encoder import (
-    PooledClassificationMixin,
+    SentenceEncoderMixin,
     add_sentence_encoder_args,
-    check_sentence_encoder_args,
     minilm_architecture,
     sentence_encoder_architecture,
-    set_layer_norm_eps,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ def lora_scaling(args) -> float:
 
 
 @register_model("roberta_lora")
-class RobertaLoRAModel(PooledClassificationMixin, RobertaModel):
+class RobertaLoRAModel(SentenceEncoderMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
@@ -87,10 +85,8 @@ class RobertaLoRAModel(PooledClassificationMixin, RobertaModel):
         base_lora_architecture(args)
         if args.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
-        check_sentence_encoder_args(args)
         targets = parse_targets(args.lora_targets)
         model = super().build_model(args, task)
-        set_layer_norm_eps(model, args.layer_norm_eps)
         for layer in model.modules():
             if not isinstance(layer, TransformerEncoderLayerBase):
                 continue

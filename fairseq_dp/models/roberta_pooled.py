@@ -9,17 +9,15 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.roberta.model import RobertaModel, base_architecture
 
 from .sentence_encoder import (
-    PooledClassificationMixin,
+    SentenceEncoderMixin,
     add_sentence_encoder_args,
-    check_sentence_encoder_args,
     minilm_architecture,
     sentence_encoder_architecture,
-    set_layer_norm_eps,
 )
 
 
 @register_model("roberta_pooled")
-class RobertaPooledModel(PooledClassificationMixin, RobertaModel):
+class RobertaPooledModel(SentenceEncoderMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
@@ -28,10 +26,7 @@ class RobertaPooledModel(PooledClassificationMixin, RobertaModel):
     @classmethod
     def build_model(cls, args, task):
         base_pooled_architecture(args)
-        check_sentence_encoder_args(args)
-        model = super().build_model(args, task)
-        set_layer_norm_eps(model, args.layer_norm_eps)
-        return model
+        return super().build_model(args, task)
 
 
 @register_model_architecture("roberta_pooled", "roberta_pooled")

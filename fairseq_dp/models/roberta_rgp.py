@@ -24,12 +24,10 @@ from fairseq.utils import safe_getattr, safe_hasattr
 
 from ..modules import LowRankLinear, LowRankMultiheadAttention
 from .sentence_encoder import (
-    PooledClassificationMixin,
+    SentenceEncoderMixin,
     add_sentence_encoder_args,
-    check_sentence_encoder_args,
     minilm_architecture,
     sentence_encoder_architecture,
-    set_layer_norm_eps,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,7 +92,7 @@ class RGPRobertaEncoder(RobertaEncoder):
 
 
 @register_model("roberta_rgp")
-class RobertaRGPModel(PooledClassificationMixin, RobertaModel):
+class RobertaRGPModel(SentenceEncoderMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
@@ -123,7 +121,6 @@ class RobertaRGPModel(PooledClassificationMixin, RobertaModel):
     @classmethod
     def build_model(cls, args, task):
         base_rgp_architecture(args)
-        check_sentence_encoder_args(args)
         if args.rgp_rank < 1:
             raise ValueError(f"--rgp-rank must be >= 1, got {args.rgp_rank}")
         if args.rgp_power_iters < 1:
@@ -143,7 +140,6 @@ class RobertaRGPModel(PooledClassificationMixin, RobertaModel):
         model = cls(args, RGPRobertaEncoder(args, task.source_dictionary))
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
-        set_layer_norm_eps(model, args.layer_norm_eps)
         for param in model.parameters():
             param.requires_grad_(False)
         for module in model.low_rank_modules():

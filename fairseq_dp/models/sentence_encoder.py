@@ -71,8 +71,15 @@ def mean_over_tokens(features: torch.Tensor, src_tokens: torch.Tensor, pad: int)
     return ((features * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).unsqueeze(1)
 
 
-class PooledClassificationMixin:
-    """``RobertaModel.forward`` with the heads reading ``--classification-pooling``."""
+class SentenceEncoderMixin:
+    """For a RobertaModel subclass: checks these options, applies
+    ``--layer-norm-eps`` once the encoder is built, and makes ``forward`` (and
+    the hub interface's ``predict``) read ``--classification-pooling``."""
+
+    def __init__(self, args, encoder):
+        check_sentence_encoder_args(args)
+        super().__init__(args, encoder)
+        set_layer_norm_eps(self, args.layer_norm_eps)
 
     def forward(self, src_tokens, features_only=False, return_all_hiddens=False,
                 classification_head_name=None, **kwargs):
