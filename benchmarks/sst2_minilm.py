@@ -74,7 +74,7 @@ def common_flags(args, data, restore, save_dir) -> list:
 def non_private_command(args, data, restore, save_dir) -> list:
     return common_flags(args, data, restore, save_dir) + [
         "--task", "sentence_prediction", "--criterion", "sentence_prediction",
-        "--arch", "roberta_pooled_minilm", "--classification-pooling", args.pooling,
+        "--arch", "roberta_pooled_minilm", "--non-private-baseline", "--classification-pooling", args.pooling,
         *ADAM, "--batch-size", str(args.np_batch), "--lr", str(args.np_lr),
         "--lr-scheduler", "polynomial_decay", "--total-num-update", str(args.np_updates),
         "--warmup-updates", str(max(1, args.np_updates // 10)), "--clip-norm", "1.0",

@@ -4,25 +4,73 @@
 The ledger of a run is a list of ``(noise_multiplier, sample_rate, steps)``
 entries, as in opacus. ε is computed on demand and cached per ledger state,
 because a PRV evaluation takes about half a second.
+
+Every ε reported is a valid upper bound. The PRV accountant discretizes the
+privacy loss on a domain sized by RDP's ε; far outside the usual regime
+(σ ≈ 0.01: PRV reports 707 where one step alone is worth 5,337) its numerics
+break down and its run time explodes (minutes for σ = 0.05 and 100 steps).
+So PRV is asked only where RDP's bound is at most ``PRV_TRUSTED_UP_TO``, and
+the smaller of the two valid bounds is reported; beyond, RDP's bound is.
 """
 
 import hashlib
 import math
 import struct
+import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+
+from .errors import DPConfigError
 
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+# RDP ε above which PRV is not evaluated (see the module docstring); measured:
+# PRV agrees with the exact one-step ε to 0.02 up to ε ≈ 240 at σ ≥ 0.05
+PRV_TRUSTED_UP_TO = 100.0
+# σ above this makes every update pure noise and overflows float32 norms
+MAX_NOISE_MULTIPLIER = 1e4
+
+History = Sequence[Tuple[float, float, int]]
+
+
+def _rdp_epsilon(history: History, delta: float) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha": the bound is still valid, only looser
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def epsilon_of(history: History, delta: float, mechanism: str) -> float:
+    """A valid upper bound on ε at ``delta`` for a history of subsampled
+    Gaussian mechanisms: ``inf`` if any step had no noise, never negative."""
+    history = [entry for entry in history if entry[2] > 0]
+    if not history:
+        return 0.0
+    if any(not sigma > 0 for sigma, _, _ in history):
+        return math.inf
+    rdp = _rdp_epsilon(history, delta)
+    if mechanism == "rdp" or not rdp <= PRV_TRUSTED_UP_TO:
+        return max(0.0, rdp)
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # RDP's, from PRV's domain sizing
+            prv = float(accountant.get_epsilon(delta=delta))
+    except (RuntimeError, ValueError, FloatingPointError):
+        # e.g. "Discrete mean differs significantly from continuous mean"
+        prv = math.inf
+    return max(0.0, min(prv, rdp))
 
 
 def _check_mechanism(mechanism: str) -> None:
     if mechanism not in ACCOUNTANTS:
-        raise ValueError(
+        raise DPConfigError(
             f"--dp-accountant {mechanism!r} is unknown; choose one of {sorted(ACCOUNTANTS)}"
         )
 
@@ -41,6 +89,12 @@ class PrivacyAccountant:
         _check_mechanism(mechanism)
         self.mechanism = mechanism
         self.history: List[Tuple[float, float, int]] = []
+        # the δ the ledger's ε has been stated at (the smallest used): a later
+        # run with a larger δ would find "fresh room" in a spent budget
+        self.delta: Optional[float] = None
+        # what the last load of weights said about their history: None (no
+        # load), "ledger" (the weights carried one) or "none" (they did not)
+        self.loaded_history: Optional[str] = None
         self._cache: Dict[Tuple, float] = {}
 
     @property
@@ -57,16 +111,11 @@ class PrivacyAccountant:
             self.history.append((noise_multiplier, sample_rate, num_steps))
 
     def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at ``delta``; ``inf`` once any step had no noise."""
-        if not self.history:
-            return 0.0
-        if any(sigma <= 0 for sigma, _, _ in self.history):
-            return math.inf
+        """ε spent so far at ``delta`` (a valid upper bound, see the module
+        docstring); ``inf`` once any step had no noise."""
         key = (tuple(self.history), delta)
         if key not in self._cache:
-            accountant = ACCOUNTANTS[self.mechanism]()
-            accountant.history = list(self.history)
-            self._cache = {key: float(accountant.get_epsilon(delta=delta))}
+            self._cache = {key: epsilon_of(self.history, delta, self.mechanism)}
         return self._cache[key]
 
     def epsilon_after(self, delta: float, *, noise_multiplier: float, sample_rate: float, num_steps: int) -> float:
@@ -113,17 +162,20 @@ class PrivacyAccountant:
         return lo
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"mechanism": self.mechanism, "history": list(self.history)}
+        return {"mechanism": self.mechanism, "history": list(self.history), "delta": self.delta}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         _check_mechanism(state["mechanism"])
         self.mechanism = state["mechanism"]
         self.history = [tuple(entry) for entry in state["history"]]
+        self.delta = state.get("delta")
         self._cache = {}
 
 
 LEDGER_KEY = "dp_ledger"
 DIGEST_KEY = "dp_ledger_digest"
+DELTA_KEY = "dp_ledger_delta"
+LEDGER_KEYS = (LEDGER_KEY, DIGEST_KEY, DELTA_KEY)
 
 
 def history_to_tensor(history: List[Tuple[float, float, int]]) -> torch.Tensor:
@@ -135,13 +187,45 @@ def history_from_tensor(t: torch.Tensor) -> List[Tuple[float, float, int]]:
     return [(float(sigma), float(q), int(n)) for sigma, q, n in t.reshape(-1, 3).tolist()]
 
 
-def ledger_digest(ledger: torch.Tensor) -> torch.Tensor:
-    digest = hashlib.sha256(ledger.to(torch.float64).contiguous().numpy().tobytes()).digest()
+def ledger_digest(ledger: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """An unkeyed SHA-256 of the ledger (and its δ): it detects accidents
+    (averaging, edits by tools), not a forger, who can recompute it."""
+    data = ledger.to(torch.float64).contiguous().numpy().tobytes()
+    if delta is not None:
+        data += delta.to(torch.float64).contiguous().numpy().tobytes()
+    digest = hashlib.sha256(data).digest()
     return torch.tensor(list(struct.unpack("<4q", digest)), dtype=torch.int64)
 
 
-class LedgerMismatch(ValueError):
+class LedgerMismatch(DPConfigError):
     """A checkpoint's ledger does not match its digest."""
+
+
+def ledger_entries(accountant: "PrivacyAccountant") -> Dict[str, torch.Tensor]:
+    """The ledger as the tensors saved with the weights (``LEDGER_KEYS``)."""
+    ledger = history_to_tensor(accountant.history)
+    entries = {LEDGER_KEY: ledger}
+    if accountant.delta is not None:
+        entries[DELTA_KEY] = torch.tensor([accountant.delta], dtype=torch.float64)
+    entries[DIGEST_KEY] = ledger_digest(ledger, entries.get(DELTA_KEY))
+    return entries
+
+
+def restore_ledger(accountant: "PrivacyAccountant", entries: Dict[str, torch.Tensor]) -> None:
+    """Load saved ``LEDGER_KEYS`` into ``accountant``, after checking the digest."""
+    saved, digest, delta = (entries.get(k) for k in (LEDGER_KEY, DIGEST_KEY, DELTA_KEY))
+    if digest is None or not torch.equal(digest.to(torch.int64), ledger_digest(saved, delta)):
+        raise LedgerMismatch(
+            "the privacy ledger saved with these weights (dp_ledger) does not match its "
+            "digest: the checkpoint was averaged or edited. An average of checkpoints has "
+            "spent the privacy of its latest member; average the weights only and account "
+            "with the latest checkpoint's ledger"
+        )
+    accountant.load_state_dict({
+        "mechanism": accountant.mechanism,
+        "history": history_from_tensor(saved),
+        "delta": None if delta is None else float(delta.reshape(-1)[0]),
+    })
 
 
 def keep_ledger_with_weights(model: nn.Module, accountant: "PrivacyAccountant") -> None:
@@ -166,51 +250,82 @@ def keep_ledger_with_weights(model: nn.Module, accountant: "PrivacyAccountant") 
     def save(module, state_dict, prefix, local_metadata):
         if module is not owner():
             return
-        ledger = history_to_tensor(accountant.history)
-        state_dict[prefix + LEDGER_KEY] = ledger
-        state_dict[prefix + DIGEST_KEY] = ledger_digest(ledger)
+        for key, value in ledger_entries(accountant).items():
+            state_dict[prefix + key] = value
 
     def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if module is not owner():
             return
-        saved: Optional[torch.Tensor] = state_dict.pop(prefix + LEDGER_KEY, None)
-        digest: Optional[torch.Tensor] = state_dict.pop(prefix + DIGEST_KEY, None)
-        if saved is None:
+        entries = {k: state_dict.pop(prefix + k) for k in LEDGER_KEYS if prefix + k in state_dict}
+        if LEDGER_KEY not in entries:
+            accountant.loaded_history = "none"
             return
-        if digest is None or not torch.equal(digest.to(torch.int64), ledger_digest(saved)):
-            raise LedgerMismatch(
-                "the privacy ledger saved with these weights (dp_ledger) does not match its "
-                "digest: the checkpoint was averaged or edited. An average of checkpoints has "
-                "spent the privacy of its latest member; average the weights only and account "
-                "with the latest checkpoint's ledger"
-            )
-        accountant.load_state_dict({"mechanism": accountant.mechanism, "history": history_from_tensor(saved)})
+        restore_ledger(accountant, entries)
+        accountant.loaded_history = "ledger"
 
     model.register_state_dict_post_hook(save)
     model.register_load_state_dict_pre_hook(load)
 
 
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "prv"
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: str = "prv",
+    spent: History = (),
 ) -> float:
-    """Smallest σ (to 1% of ε) whose ε after ``steps`` updates is at most the target.
+    """Smallest σ (to 1% of ε) whose ε after ``steps`` updates, on top of the
+    ``spent`` history (a ledger carried by the weights), is at most the target.
 
-    The bisection keeps the upper end, so the ε reached is never above the
-    target and at most 1% below it.
+    A bisection over log σ that keeps the upper end, so the ε reached is never
+    above the target and at most 1% below it. Every evaluation is
+    :func:`epsilon_of`, so a large target (small σ) is evaluated by RDP and
+    does not hang in PRV.
     """
     mechanism = str(mechanism)
     _check_mechanism(mechanism)
-    if target_epsilon <= 0:
-        raise ValueError(f"--dp-target-epsilon must be > 0, got {target_epsilon}")
+    if not 0 < target_epsilon < math.inf:
+        raise DPConfigError(f"--dp-target-epsilon must be > 0 and finite, got {target_epsilon}")
     if steps < 1:
-        raise ValueError(f"cannot calibrate σ for {steps} updates")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=mechanism,
-            epsilon_tolerance=0.01 * target_epsilon,
+        raise DPConfigError(f"cannot calibrate σ for {steps} updates")
+    spent = [tuple(entry) for entry in spent if entry[2] > 0]
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(spent + [(sigma, sample_rate, steps)], delta, mechanism)
+
+    already = epsilon_of(spent, delta, mechanism)
+    if already >= target_epsilon:
+        raise DPConfigError(
+            f"--dp-target-epsilon {target_epsilon} is the total budget, and the weights' ledger "
+            f"has already spent ε = {already:.4g} at δ = {delta}: no noise level leaves room for "
+            "more updates. Raise the target knowingly, or start from weights that have not seen "
+            "this data"
         )
-    )
+    low, high = 0.0, 1.0
+    eps_high = eps(high)
+    while eps_high > target_epsilon:
+        low, high = high, high * 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise DPConfigError(
+                f"--dp-target-epsilon {target_epsilon} needs σ above {MAX_NOISE_MULTIPLIER:g} for "
+                f"{steps} updates at q = {sample_rate:.4g}: lower the number of updates or the "
+                "sampling rate, or raise the target"
+            )
+        eps_high = eps(high)
+    if low == 0.0:  # σ = 1 meets the target: search below it, down to a floor
+        low = high / 2
+        while low > 1e-3 and eps(low) <= target_epsilon:
+            high, low = low, low / 2
+        eps_high = eps(high)
+    for _ in range(60):
+        if target_epsilon - eps_high <= 0.01 * target_epsilon:
+            break
+        mid = math.sqrt(low * high)
+        eps_mid = eps(mid)
+        if eps_mid <= target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return float(high)

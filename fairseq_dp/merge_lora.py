@@ -11,9 +11,11 @@ A model whose heads read the mean over tokens, or whose LayerNorm ε is not
 fairseq's, becomes the plugin's ``roberta_pooled`` (``_minilm``) instead, since
 stock RoBERTa cannot express either.
 The optimizer state (shaped for the adapters) is dropped; the privacy ledger
-moves from the model state to the checkpoint's top-level ``dp_ledger`` entry
-(a record of the privacy the weights spent, which stock fairseq ignores); the
-rest of the checkpoint (task settings, classification heads) is kept.
+moves from the model state to the checkpoint's top-level ``dp_ledger`` entry,
+which stock fairseq ignores (so it loads the model state strictly) and the
+plugin reads: a DP run that continues from the merged checkpoint composes
+with the privacy already spent (``checkpoint_ledger``). The rest of the
+checkpoint (task settings, classification heads) is kept.
 """
 
 import argparse
@@ -23,7 +25,8 @@ from typing import Dict
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from .accounting import DIGEST_KEY, LEDGER_KEY
+from .accounting import LEDGER_KEYS
+from .checkpoint_ledger import TOP_LEVEL_KEY
 from .models.roberta_lora import PLAIN_ARCH, POOLED_ARCH
 
 logger = logging.getLogger(__name__)
@@ -58,9 +61,9 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
     if arch not in PLAIN_ARCH:
         raise ValueError(f"{src} is not a roberta_lora checkpoint (architecture {arch!r})")
     scaling = float(get("lora_alpha")) / int(get("lora_rank"))
-    ledger = {k: state["model"].pop(k) for k in (LEDGER_KEY, DIGEST_KEY) if k in state["model"]}
+    ledger = {k: state["model"].pop(k) for k in LEDGER_KEYS if k in state["model"]}
     if ledger:
-        state["dp_ledger"] = ledger
+        state[TOP_LEVEL_KEY] = ledger
     state["model"] = merge_lora_state_dict(state["model"], scaling)
     plain = PLAIN_ARCH[arch]
     pooling, eps = get("classification_pooling") or "cls", get("layer_norm_eps") or 1e-5

@@ -21,6 +21,17 @@ Per micro-batch:
    batch size and written into ``.grad``; RGP carrier sums are projected onto
    the full weights. The accountant records the update at that point.
 
+The noise is secret by default: each update's generator is seeded with 63
+fresh bits from the operating system's CSPRNG (``secrets``), used for that
+update only and never stored. Knowing the code, ``--seed`` and every
+checkpoint, recovering one update's noise means searching 2^63 seeds against
+an update whose noise-free part is unknown; nothing in the run makes that
+easier. (torch's generators are not cryptographic, so someone who can read
+the training process's memory is outside this model.) ``seeded_rng``
+(``--dp-insecure-seeded-rng``) seeds it from ``(--seed, update)`` instead:
+reproducible, for tests and debugging, and no protection against anyone who
+knows the seed, which fairseq saves in every checkpoint.
+
 The division happens here rather than in fairseq's trainer because fairseq
 zeroes a worker's ``sample_size`` when its last micro-batch is a dummy (an
 empty Poisson micro-batch, or a worker with fewer batches): the micro-batches
@@ -62,6 +73,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 class PrivacyBudgetExhausted(RuntimeError):
     """The next update would take ε past ``--dp-max-epsilon``."""
+
+
+class NoiseReuseError(RuntimeError):
+    """More private data would be added under a noise draw already used: more
+    micro-batches than one logical batch holds, or after the optimizer
+    stepped on that draw's noisy gradient."""
 
 
 def gaussian_like(t: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -114,16 +131,19 @@ class DPTrainer:
         expected_batch_size: the logical batch size the gradient is divided by.
         sample_rate: q, recorded in the ledger with each step.
         seed: seeds power iteration (with the update number), so carriers are
-            the same on every worker without communication.
+            the same on every worker without communication (carriers are
+            computed from the weights, already private: post-processing),
+            and, with ``seeded_rng``, the noise.
         noise_generator: a generator for the noise, used as it is (tests).
-            ``None``: a generator seeded from (seed, the update's index in the
-            ledger), so noise is reproducible and resumes exactly, and never
-            repeats when training continues from weights that already carry
-            a ledger (fairseq's update count restarts there, the ledger does
-            not).
-        secure_rng: reseed the noise generator from the operating system's
-            secure source (``secrets``) at every update, so knowing ``--seed``
-            does not reveal the noise.
+        seeded_rng: INSECURE. ``False`` (default): every update's noise from a
+            generator seeded by fresh bits from the OS's CSPRNG (see the
+            module docstring). ``True``: seeded from (seed, the update's index
+            in the ledger), so noise is reproducible and resumes exactly (and
+            never repeats when training continues from weights that already
+            carry a ledger), but anyone who knows the seed can remove it.
+        micro_batches_per_update: how many micro-batches one logical batch
+            has on this worker (``--update-freq``); more under one noise draw
+            are refused.
         adds_noise: whether this worker adds the noise (worker 0 of a
             data-parallel run; the others add only their clipped sums).
         budget_steps: the ledger's step count that must not be exceeded
@@ -145,7 +165,8 @@ class DPTrainer:
         sample_rate: float,
         seed: int = 1,
         noise_generator: Optional[torch.Generator] = None,
-        secure_rng: bool = False,
+        seeded_rng: bool = False,
+        micro_batches_per_update: int = 1,
         adds_noise: bool = True,
         budget_steps: Optional[int] = None,
         clipping: str = "ghost",
@@ -162,7 +183,10 @@ class DPTrainer:
         self.sample_rate = sample_rate
         self.seed = seed
         self.noise_generator = noise_generator
-        self.secure_rng = secure_rng
+        self.seeded_rng = seeded_rng
+        self.micro_batches_per_update = micro_batches_per_update
+        self._micro_batches = 0
+        self._param_sums: Optional[Tensor] = None
         self.adds_noise = adds_noise
         self.budget_steps = budget_steps
         # (update, [(id, version) of each .grad]) after this trainer last wrote them
@@ -273,12 +297,43 @@ class DPTrainer:
 
     def _noise_generator(self) -> torch.Generator:
         device = self.params[0].device
-        if self.secure_rng:
-            return torch.Generator(device=device).manual_seed(secrets.randbits(63))
         if self.noise_generator is not None:
             return self.noise_generator
+        if not self.seeded_rng:
+            return torch.Generator(device=device).manual_seed(secrets.randbits(63))
         seed = np.random.SeedSequence([self.seed, self.accountant.steps, NOISE_STREAM]).generate_state(1, np.uint64)[0]
         return torch.Generator(device=device).manual_seed(int(seed))
+
+    @torch.no_grad()
+    def _param_fingerprint(self) -> Tensor:
+        # optimizers update p.data, which does not bump the version counter,
+        # so a step is detected by the values (one float64 sum per parameter)
+        return torch.stack([p.detach().sum(dtype=torch.float64) for p in self.params]).nan_to_num().cpu()
+
+    def _check_noise_not_reused(self, first_micro_batch: bool) -> None:
+        """Refuse to add data under a noise draw already spent. Within one
+        logical batch, the micro-batches share one draw; after the optimizer
+        stepped on that sum, more data added to the same gradient would be
+        released with no new noise (the difference of two steps would reveal
+        it), and so would more micro-batches than the batch the accountant's
+        q describes."""
+        if first_micro_batch:
+            self._micro_batches = 0
+            return
+        if not torch.equal(self._param_fingerprint(), self._param_sums):
+            raise NoiseReuseError(
+                "DP: the parameters changed since this logical batch's noisy gradient was "
+                "written (an optimizer step), but the gradient was not reset: more data would "
+                "be added under the same noise. Zero the gradients (optimizer.zero_grad()) and "
+                "pass the next update number before the next batch"
+            )
+        if self._micro_batches >= self.micro_batches_per_update:
+            raise NoiseReuseError(
+                f"DP: micro-batch {self._micro_batches + 1} of one logical batch, which has "
+                f"{self.micro_batches_per_update} (--update-freq): more data under one noise "
+                "draw than the accountant's sampling rate describes. Zero the gradients and "
+                "pass the next update number to start a new logical batch"
+            )
 
     def catch_up_ledger(self, update_num: int) -> None:
         """A checkpoint from before the ledger was saved with the weights has
@@ -353,6 +408,7 @@ class DPTrainer:
                 f"DP: the privacy budget is spent: the ledger holds {self.accountant.steps} updates "
                 f"and --dp-max-epsilon allows {self.budget_steps}; refusing to train further"
             )
+        self._check_noise_not_reused(first_micro_batch)
         if first_micro_batch or self._carrier_update != update_num:
             self.compute_carriers(update_num)
 
@@ -388,6 +444,8 @@ class DPTrainer:
         if first_micro_batch:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._last_write = (update_num, self._grad_versions())
+        self._param_sums = self._param_fingerprint()
+        self._micro_batches += 1
 
         logging_output["dp_sample"] = 1
         # already divided by the expected batch size: see the module docstring

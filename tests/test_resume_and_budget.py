@@ -50,14 +50,16 @@ def final_weights(save_dir):
 
 def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    whole = subprocess.run(train_command(data, tmp_path / "whole"), capture_output=True, text=True,
+    # the same weights only with the same noise and draws: the seeded mode
+    seeded = "--dp-insecure-seeded-rng"
+    whole = subprocess.run(train_command(data, tmp_path / "whole", seeded), capture_output=True, text=True,
                            env=env, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = epsilons_by_update(whole.stdout + whole.stderr)
     assert sorted(expected) == list(range(1, 11))
 
     # killed once update 7 is logged: the checkpoint of update 6 is complete
-    proc = subprocess.Popen(train_command(data, tmp_path / "killed"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(data, tmp_path / "killed", seeded), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     before = ""
     for line in proc.stdout:
@@ -70,7 +72,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
     _, saved_at = final_weights(tmp_path / "killed")
     assert saved_at == 6
 
-    resumed = subprocess.run(train_command(data, tmp_path / "killed"), capture_output=True, text=True,
+    resumed = subprocess.run(train_command(data, tmp_path / "killed", seeded), capture_output=True, text=True,
                              env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = resumed.stdout + resumed.stderr
@@ -153,26 +155,41 @@ def test_zeroing_grads_in_place_starts_a_new_noisy_update(data):
     assert not torch.equal(first[head], second[head])
 
 
-def test_secure_rng_noise_is_not_a_function_of_the_seed(data):
-    def head_grad(secure):
-        extra = ["--dp-secure-rng"] if secure else []
+def test_default_noise_and_draws_are_secret_and_the_seeded_flag_reproduces(data):
+    """Two default runs with the same --seed (an lr sweep, say) must not share
+    their noise or their batches; --dp-insecure-seeded-rng reproduces both."""
+    head = "classification_heads.sentence_classification_head.dense.weight"
+
+    def first_update(*extra):
         _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e-8", *extra))
         torch.manual_seed(123)  # what fairseq does before every update
-        grads = noisy_grads(task, model, criterion, 0)
-        return grads["classification_heads.sentence_classification_head.dense.weight"], task
+        itr = task.get_batch_iterator(task.dataset("train"), max_sentences=8, max_positions=64, epoch=1)
+        draws = [b["id"].tolist() for b in itr.next_epoch_itr(shuffle=False)]
+        return noisy_grads(task, model, criterion, 0)[head].flatten(), draws, task
 
-    plain_a, task_a = head_grad(False)
-    plain_b, task_b = head_grad(False)
-    assert torch.equal(plain_a, plain_b)
-    assert task_a.sampling_seed() == task_b.sampling_seed() == 1
-    secure_a, task_a = head_grad(True)
-    secure_b, task_b = head_grad(True)
-    assert not torch.equal(secure_a, secure_b)
-    assert task_a.sampling_seed() != task_b.sampling_seed()
-    # still N(0, σ²C²) / B
-    for g in (secure_a, secure_b):
+    secret_a, draws_a, task_a = first_update()
+    secret_b, draws_b, task_b = first_update()
+    # the noise alone (clip ~0): N(0, σ²C²) / B, and two runs' draws uncorrelated
+    for g in (secret_a, secret_b):
         assert g.std().item() == pytest.approx(1e-8 / 8, rel=0.15)
         assert abs(g.mean().item()) < 4 * 1e-8 / 8 / math.sqrt(g.numel())
+    correlation = torch.corrcoef(torch.stack([secret_a, secret_b]))[0, 1].item()
+    assert abs(correlation) < 4 / math.sqrt(secret_a.numel())
+    assert draws_a != draws_b
+    assert task_a.sampling_seed() != task_b.sampling_seed() != 1
+
+    seeded_a, seeded_draws_a, task_a = first_update("--dp-insecure-seeded-rng")
+    seeded_b, seeded_draws_b, task_b = first_update("--dp-insecure-seeded-rng")
+    assert torch.equal(seeded_a, seeded_b) and seeded_draws_a == seeded_draws_b
+    assert task_a.sampling_seed() == task_b.sampling_seed() == 1
+
+
+def test_seeded_runs_say_so_on_every_line(data, tmp_path, caplog):
+    messages = run_main(train_args(data, "--max-update", "3", "--save-dir", str(tmp_path), "--no-save",
+                                   "--dp-insecure-seeded-rng", *LOG), caplog)
+    lines = [m for m in messages if "dp_epsilon" in m]
+    assert lines and all("dp_rng seeded-INSECURE" in m or "dp_rng=seeded-INSECURE" in m for m in lines)
+    assert any("holds ONLY against someone who does not know the seed" in m for m in messages)
 
 
 def test_continuing_from_weights_with_a_ledger_draws_new_batches_and_noise(data):
@@ -181,7 +198,7 @@ def test_continuing_from_weights_with_a_ledger_draws_new_batches_and_noise(data)
     the batches and the noise would repeat the first run's, and the
     difference of two updates would cancel the noise."""
     def first_update(ledger_steps):
-        _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e-8"))
+        _, task, model, criterion = build(train_args(data, "--dp-clip-norm", "1e-8", "--dp-insecure-seeded-rng"))
         task.accountant.step(noise_multiplier=1.0, sample_rate=task.sample_rate, num_steps=ledger_steps)
         itr = task.get_batch_iterator(task.dataset("train"), max_sentences=8, max_positions=64, epoch=1)
         draw = next(itr.next_epoch_itr(shuffle=True))["id"].tolist()

@@ -57,8 +57,9 @@ def test_empty_draws_happen_at_small_rates():
 
 @pytest.mark.parametrize("world_size,update_freq", [(2, 1), (2, 3), (3, 2)])
 def test_each_update_gets_one_draw_split_over_workers_and_micro_batches(data, world_size, update_freq):
+    # the draws are compared with (seed, t)'s, so the seeded (insecure) mode
     argv = train_args(data, "--update-freq", str(update_freq), "--distributed-world-size",
-                      str(world_size), "--ddp-backend", "legacy_ddp")
+                      str(world_size), "--ddp-backend", "legacy_ddp", "--dp-insecure-seeded-rng")
     _, task, _, _ = build(argv)
     dataset = task.dataset("train")
     q = task.sample_rate

@@ -26,6 +26,7 @@ from ..modules import LowRankLinear, LowRankMultiheadAttention
 from .sentence_encoder import (
     SentenceEncoderMixin,
     add_sentence_encoder_args,
+    check_trained_privately,
     minilm_architecture,
     sentence_encoder_architecture,
 )
@@ -121,6 +122,7 @@ class RobertaRGPModel(SentenceEncoderMixin, RobertaModel):
     @classmethod
     def build_model(cls, args, task):
         base_rgp_architecture(args)
+        check_trained_privately(args, task)
         if args.rgp_rank < 1:
             raise ValueError(f"--rgp-rank must be >= 1, got {args.rgp_rank}")
         if args.rgp_power_iters < 1:

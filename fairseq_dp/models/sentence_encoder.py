@@ -21,6 +21,8 @@ from torch import nn
 from fairseq.models.roberta.hub_interface import RobertaHubInterface
 from fairseq.utils import safe_getattr
 
+from ..errors import DPConfigError
+
 logger = logging.getLogger(__name__)
 
 POOLING_CHOICES = ("cls", "mean")
@@ -37,6 +39,24 @@ def add_sentence_encoder_args(parser) -> None:
     parser.add_argument(
         "--layer-norm-eps", type=float, metavar="EPS",
         help="epsilon of every LayerNorm (fairseq: 1e-5; converted BERT checkpoints: 1e-12)",
+    )
+    parser.add_argument(
+        "--non-private-baseline", action="store_true",
+        help="train this DP architecture under a non-DP task (fairseq's sentence_prediction) "
+        "on purpose, without any privacy; without it that combination is refused",
+    )
+
+
+def check_trained_privately(args, task) -> None:
+    """The plugin's archs exist for DP training; under a task that neither
+    clips nor adds noise they would train without privacy and without a word."""
+    if getattr(task, "accountant", None) is not None or safe_getattr(args, "non_private_baseline", False):
+        return
+    task_name = safe_getattr(getattr(task, "cfg", None), "_name", None) or type(task).__name__
+    raise DPConfigError(
+        f"--arch {safe_getattr(args, 'arch', '?')} is a fairseq_dp architecture, but --task {task_name} "
+        "trains it without differential privacy. Use --task dp_sentence_prediction --criterion "
+        "dp_sentence_prediction, or add --non-private-baseline to train it without privacy on purpose"
     )
 
 
@@ -80,6 +100,11 @@ class SentenceEncoderMixin:
         check_sentence_encoder_args(args)
         super().__init__(args, encoder)
         set_layer_norm_eps(self, args.layer_norm_eps)
+
+    @classmethod
+    def build_model(cls, args, task):
+        check_trained_privately(args, task)
+        return super().build_model(args, task)
 
     def forward(self, src_tokens, features_only=False, return_all_hiddens=False,
                 classification_head_name=None, **kwargs):

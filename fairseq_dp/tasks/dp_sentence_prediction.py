@@ -6,6 +6,8 @@ The task validates the whole run's setup before anything trains, calibrates
 :class:`fairseq_dp.trainer.DPTrainer`.
 """
 
+import hashlib
+import json
 import logging
 import math
 import secrets
@@ -19,8 +21,17 @@ from fairseq.tasks import register_task
 from fairseq.tasks.sentence_prediction import SentencePredictionConfig, SentencePredictionTask
 from omegaconf import II
 
-from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
+from ..accounting import (
+    MAX_NOISE_MULTIPLIER,
+    PrivacyAccountant,
+    calibrate_noise_multiplier,
+    epsilon_of,
+    keep_ledger_with_weights,
+    restore_ledger,
+)
+from ..checkpoint_ledger import read_checkpoint_history, refresh_best_checkpoint_ledgers, restored_checkpoint_path
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
+from ..errors import DPConfigError
 from ..models.sentence_encoder import keep_first_token_pooling_of_old_checkpoint
 from ..prepare import freeze_patterns, prepare_model_for_dp
 from ..trainer import CLIPPING_MODES, DPTrainer, PrivacyBudgetExhausted, unwrap_model
@@ -83,11 +94,38 @@ class DPSentencePredictionConfig(SentencePredictionConfig):
             "(saving a checkpoint), and refuse to resume a run that has spent it"
         },
     )
+    dp_insecure_seeded_rng: bool = field(
+        default=False,
+        metadata={
+            "help": "INSECURE, for tests and debugging: draw the noise and the Poisson samples "
+            "from generators seeded by --seed (reproducible, exact resume), instead of fresh "
+            "secret randomness from the operating system. fairseq saves --seed in every "
+            "checkpoint: anyone who has one can regenerate the noise and remove it, so the "
+            "reported ε then holds only against someone who does not know the seed"
+        },
+    )
     dp_secure_rng: bool = field(
         default=False,
         metadata={
-            "help": "draw the noise (and the Poisson samples) from generators seeded from the "
-            "operating system's secure source, not from --seed; runs are then not reproducible"
+            "help": "deprecated and ignored: secret randomness is the default "
+            "(see --dp-insecure-seeded-rng); kept so that older configs load"
+        },
+    )
+    dp_hide_private_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "keep every statistic of the private training data out of the logs: train "
+            "lines then show no loss, accuracy, batch sizes or dp_clipped (they are computed "
+            "on private batches without noise), only ε, σ, the noisy gradient's norm and timing; "
+            "validating on the training subset is refused"
+        },
+    )
+    dp_assume_fresh_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "state that weights restored from a DP run whose privacy ledger is missing "
+            "have never seen this private data (their history then counts as empty); without "
+            "it such weights are refused, since their spent privacy is unknown"
         },
     )
 
@@ -113,6 +151,7 @@ class DPSentencePredictionConfig(SentencePredictionConfig):
     batch_size: Optional[int] = II("dataset.batch_size")
     max_tokens: Optional[int] = II("dataset.max_tokens")
     train_subset: str = II("dataset.train_subset")
+    valid_subset: str = II("dataset.valid_subset")
     update_freq: List[int] = II("optimization.update_freq")
     max_epoch: int = II("optimization.max_epoch")
     max_update: int = II("optimization.max_update")
@@ -132,22 +171,36 @@ def check_dp_config(cfg) -> None:
     sigma, target = cfg.dp_noise_multiplier, cfg.dp_target_epsilon
     if (sigma is None) == (target is None):
         errors.append("give exactly one of --dp-noise-multiplier and --dp-target-epsilon")
-    if sigma is not None and not sigma >= 0:
-        errors.append(f"--dp-noise-multiplier must be >= 0, got {sigma}")
-    if target is not None and not target > 0:
-        errors.append(f"--dp-target-epsilon must be > 0, got {target}")
+    if sigma is not None and not 0 <= sigma <= MAX_NOISE_MULTIPLIER:
+        errors.append(
+            f"--dp-noise-multiplier must be >= 0 and at most {MAX_NOISE_MULTIPLIER:g}, got {sigma} "
+            "(above that every update is noise alone, and float32 norms overflow)"
+        )
+    if target is not None and not 0 < target < math.inf:
+        errors.append(f"--dp-target-epsilon must be > 0 and finite, got {target}")
     if target is not None and not (cfg.max_epoch > 0 or cfg.max_update > 0):
         errors.append("--dp-target-epsilon needs the number of updates: set --max-epoch or --max-update")
-    if cfg.dp_max_epsilon is not None and not cfg.dp_max_epsilon > 0:
-        errors.append(f"--dp-max-epsilon must be > 0, got {cfg.dp_max_epsilon}")
+    if cfg.dp_max_epsilon is not None and not 0 < cfg.dp_max_epsilon < math.inf:
+        errors.append(f"--dp-max-epsilon must be > 0 and finite, got {cfg.dp_max_epsilon}")
+    if cfg.dp_max_epsilon is not None and sigma == 0:
+        errors.append("--dp-max-epsilon cannot be met with --dp-noise-multiplier 0 (ε = inf)")
     if not 0 < cfg.dp_delta < 1:
         errors.append(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
     try:
         freeze_patterns(cfg.dp_freeze)
     except ValueError as e:
         errors.append(str(e))
-    if not cfg.dp_clip_norm > 0:
-        errors.append(f"--dp-clip-norm must be > 0, got {cfg.dp_clip_norm}")
+    if not 0 < cfg.dp_clip_norm < math.inf:
+        errors.append(f"--dp-clip-norm must be > 0 and finite, got {cfg.dp_clip_norm}")
+    if cfg.dp_secure_rng and cfg.dp_insecure_seeded_rng:
+        errors.append("--dp-secure-rng and --dp-insecure-seeded-rng contradict each other; "
+                      "secret randomness is the default: drop both")
+    if cfg.dp_hide_private_stats and cfg.train_subset in str(cfg.valid_subset).split(","):
+        errors.append(
+            f"--dp-hide-private-stats: --valid-subset {cfg.valid_subset} includes the training "
+            f"subset '{cfg.train_subset}', whose validation statistics would be private data "
+            "without noise; validate on held-out data"
+        )
     for flag, value in (("--fp16", cfg.fp16), ("--memory-efficient-fp16", cfg.memory_efficient_fp16),
                         ("--amp", cfg.amp), ("--bf16", cfg.bf16)):
         if value:
@@ -169,6 +222,8 @@ def check_dp_config(cfg) -> None:
         )
     if len(set(cfg.update_freq)) > 1:
         errors.append("--update-freq must be one value with DP (the logical batch size is fixed)")
+    if any(not f >= 1 for f in cfg.update_freq):
+        errors.append(f"--update-freq must be >= 1, got {','.join(map(str, cfg.update_freq))}")
     if cfg.use_bmuf:
         errors.append(
             "--use-bmuf steps every worker on its own gradients and averages the models later, "
@@ -180,7 +235,7 @@ def check_dp_config(cfg) -> None:
             "them), before per-example clipping; multi-worker DP needs --ddp-backend legacy_ddp"
         )
     if errors:
-        raise ValueError("invalid DP configuration:\n  - " + "\n  - ".join(errors))
+        raise DPConfigError("invalid DP configuration:\n  - " + "\n  - ".join(errors))
 
 
 @register_task("dp_sentence_prediction", dataclass=DPSentencePredictionConfig)
@@ -194,10 +249,13 @@ class DPSentencePredictionTask(SentencePredictionTask):
         self.sample_rate: Optional[float] = None
         self.dp_trainer: Optional[DPTrainer] = None
         self.budget_steps: Optional[int] = None
+        self.planned: Optional[int] = None
+        self._started = False
+        self._history_checked = False
         self._stop_update_set = False
-        # Poisson draw t is a function of this and t; from --seed the draws
-        # are reproducible (and exactly resumable), from the OS they are secret
-        self._sampling_seed: Optional[int] = None if cfg.dp_secure_rng else int(cfg.seed)
+        # Poisson draw t is a function of this and t: a secret drawn once per
+        # process (default), or --seed with --dp-insecure-seeded-rng
+        self._sampling_seed: Optional[int] = int(cfg.seed) if cfg.dp_insecure_seeded_rng else None
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -227,43 +285,160 @@ class DPSentencePredictionTask(SentencePredictionTask):
 
     def load_dataset(self, split, combine=False, **kwargs):
         dataset = super().load_dataset(split, combine=combine, **kwargs)
+        if split == self.cfg.train_subset or split in str(self.cfg.valid_subset).split(","):
+            self.check_labels(split)
         if split == self.cfg.train_subset:
             self.configure_privacy(len(dataset))
         return dataset
 
+    def _root_cfg(self):
+        return self.cfg._get_root() if hasattr(self.cfg, "_get_root") else None
+
+    # ------------------------------------------------------------ set-up checks
+    def check_labels(self, split: str) -> None:
+        """Every label inside --num-classes and in the label dictionary, before
+        any privacy is spent (otherwise the first bad label stops the run at
+        its update, after the updates before it were paid for)."""
+        if self.cfg.regression_target:
+            return
+        dataset = self.datasets[split]
+        while not hasattr(dataset, "defn") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset  # fairseq's SortDataset around the nested one
+        target = getattr(dataset, "defn", {}).get("target")
+        if target is None:
+            return
+        labels = np.fromiter((int(target[i][0]) for i in range(len(target))), dtype=np.int64, count=len(target))
+        unknown = np.flatnonzero(labels < 0)
+        outside = np.flatnonzero(labels >= self.cfg.num_classes)
+        problems = []
+        if len(unknown):
+            problems.append(
+                f"{len(unknown)} labels are not in the label dictionary (first examples "
+                f"{unknown[:5].tolist()}; it holds {', '.join(self.label_dictionary.symbols[self.label_dictionary.nspecial:])})"
+            )
+        if len(outside):
+            problems.append(
+                f"{len(outside)} labels are outside --num-classes {self.cfg.num_classes} (first "
+                f"examples {outside[:5].tolist()}, label ids {sorted(set(labels[outside].tolist()))[:5]})"
+            )
+        if problems:
+            raise DPConfigError(f"the '{split}' split: " + "; ".join(problems)
+                                + ". Fix the data or --num-classes before training")
+
+    def check_same_on_every_rank(self, dataset_size: int, dataset=None) -> None:
+        """Workers with different seeds, batch sizes, DP flags or data would draw
+        overlapping batches, record the wrong q, or hang: refused, before any
+        update, by comparing one fingerprint of each worker's settings."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        settings = {k: str(v) for k, v in self.cfg.items() if k.startswith("dp_")}
+        settings.update(
+            seed=self.cfg.seed, batch_size=self.cfg.batch_size, update_freq=list(self.cfg.update_freq),
+            max_epoch=self.cfg.max_epoch, max_update=self.cfg.max_update, num_classes=self.cfg.num_classes,
+            train_examples=dataset_size,
+        )
+        if dataset is not None:
+            settings["train_data"] = hashlib.sha256(np.ascontiguousarray(dataset.sizes).tobytes()).hexdigest()[:16]
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, settings)
+        differ = sorted(k for k in settings if len({json.dumps(g.get(k), default=str) for g in gathered}) > 1)
+        if differ:
+            raise DPConfigError(
+                "DP: the workers disagree on " + ", ".join(
+                    f"{k} ({' / '.join(str(g.get(k)) for g in gathered)})" for k in differ)
+                + ". Every worker must run with the same settings and data"
+            )
+
+    def check_weights_history(self) -> None:
+        """Weights restored by fairseq must not count as fresh if a DP run
+        trained them: a ledger kept at the top level of the file (merged or
+        exported checkpoints) is adopted; weights whose saved config is a DP
+        task's but carry no ledger are refused unless
+        --dp-assume-fresh-weights says they never saw this data."""
+        if self._history_checked or self.accountant.loaded_history is None:
+            return
+        root = self._root_cfg()
+        path = restored_checkpoint_path(root.checkpoint) if root is not None else None
+        if path is None:
+            return
+        self._history_checked = True
+        if self.accountant.loaded_history == "ledger":
+            return
+        top_level, from_dp_task = read_checkpoint_history(path)
+        if top_level is not None:
+            restore_ledger(self.accountant, top_level)
+            logger.info(f"DP: {path} keeps its privacy ledger at the top level (a merged or exported "
+                        f"checkpoint): continuing it, {self.accountant.steps} updates already spent")
+        elif from_dp_task and not self.cfg.dp_assume_fresh_weights:
+            raise DPConfigError(
+                f"DP: {path} was trained by a DP task but carries no privacy ledger (its dp_ledger "
+                "keys were removed), so the privacy these weights already spent is unknown. Restore "
+                "the checkpoint as saved, or, if these weights never saw this private data, say so "
+                "with --dp-assume-fresh-weights"
+            )
+
     def configure_privacy(self, dataset_size: int) -> None:
-        """Sampling rate and σ for a training set of ``dataset_size`` examples."""
+        """Sampling rate and planned updates for a training set of
+        ``dataset_size`` examples, and every check that needs N. σ itself is
+        fixed when training starts (:meth:`start_private_training`), when
+        the ledger restored with the weights and fairseq's update count are
+        known."""
         if dataset_size < 1:
-            raise ValueError("the DP training set is empty")
+            raise DPConfigError(f"DP: the training split '{self.cfg.train_subset}' is empty")
         if self.expected_batch_size > dataset_size:
-            raise ValueError(
+            raise DPConfigError(
                 f"DP: the expected logical batch (--batch-size × --update-freq × workers = "
                 f"{self.expected_batch_size}) is larger than the training set ({dataset_size} "
                 "examples); make it smaller"
             )
+        if not self.cfg.dp_delta < 1 / dataset_size:
+            raise DPConfigError(
+                f"DP: --dp-delta {self.cfg.dp_delta} is not below 1/N = {1 / dataset_size:.3g} for "
+                f"N = {dataset_size} training examples: a mechanism that publishes one random "
+                "example in full meets such a δ. Use δ well below 1/N (e.g. 1/(10·N))"
+            )
+        self.check_same_on_every_rank(dataset_size, self.datasets.get(self.cfg.train_subset))
+        self.check_weights_history()
         self.sample_rate = min(1.0, self.expected_batch_size / dataset_size)
-        updates = self.planned_updates(dataset_size)
-        if self.cfg.dp_target_epsilon is not None:
-            self.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=self.cfg.dp_target_epsilon,
-                delta=self.cfg.dp_delta,
-                sample_rate=self.sample_rate,
-                steps=updates,
-                mechanism=self.cfg.dp_accountant,
-            )
-        else:
+        self.planned = self.planned_updates(dataset_size)
+        self._dataset_size = dataset_size
+        if self.cfg.dp_noise_multiplier is not None:
             self.noise_multiplier = float(self.cfg.dp_noise_multiplier)
-        logger.info(
-            f"DP: N={dataset_size} examples, expected logical batch {self.expected_batch_size}, "
-            f"q={self.sample_rate:.6g}, planned updates {updates}, C={self.cfg.dp_clip_norm}, "
-            f"σ={self.noise_multiplier:.6g}, δ={self.cfg.dp_delta}, accountant {self.cfg.dp_accountant}"
-        )
-        if updates is not None and self.noise_multiplier > 0:
-            planned_eps = PrivacyAccountant(self.cfg.dp_accountant).epsilon_after(
-                self.cfg.dp_delta, noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate, num_steps=updates,
+        if self.dp_trainer is not None:
+            self._configure_trainer(self.dp_trainer)
+
+    def start_private_training(self, update_num: int) -> None:
+        """Before the first update of this process: check δ against the
+        ledger's, fix σ (a target ε is the total, the ledger included, for the
+        updates still planned after fairseq's ``update_num``), log the plan,
+        and set the budget."""
+        self._started = True
+        delta = self.cfg.dp_delta
+        if self.accountant.steps > 0 and self.accountant.delta is not None and delta > self.accountant.delta:
+            raise DPConfigError(
+                f"DP: --dp-delta {delta} is larger than the δ = {self.accountant.delta} that these "
+                f"weights' ledger ({self.accountant.steps} updates) was stated at: a larger δ would "
+                "report a smaller ε for privacy already spent. Use --dp-delta "
+                f"{self.accountant.delta} or smaller"
             )
-            logger.info(f"DP: ε after the planned {updates} updates: {planned_eps:.4g}")
+        self.accountant.delta = delta if self.accountant.delta is None else min(delta, self.accountant.delta)
+        remaining = None if self.planned is None else max(1, self.planned - update_num)
+        spent = list(self.accountant.history)
+        if self.cfg.dp_target_epsilon is not None:
+            self.noise_multiplier = self._noise_for_target(remaining, spent, update_num)
+        logger.info(
+            f"DP: N={self._dataset_size} examples, expected logical batch {self.expected_batch_size}, "
+            f"q={self.sample_rate:.6g}, planned updates {self.planned}, C={self.cfg.dp_clip_norm}, "
+            f"σ={self.noise_multiplier:.6g}, δ={delta}, accountant {self.cfg.dp_accountant}"
+        )
+        if spent:
+            logger.info(f"DP: the weights' ledger already holds {self.accountant.steps} updates "
+                        f"(ε = {epsilon_of(spent, delta, self.cfg.dp_accountant):.4g}); ε below is the total")
+        if remaining is not None and self.noise_multiplier > 0:
+            planned_eps = self.accountant.epsilon_after(
+                delta, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=remaining,
+            )
+            logger.info(f"DP: ε after the planned {self.planned} updates: {planned_eps:.4g}")
         if self.noise_multiplier == 0:
             logger.warning(
                 "DP: --dp-noise-multiplier 0: per-example clipping without noise. "
@@ -275,14 +450,34 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 "but this run draws shuffled fixed-size batches (as published DP fine-tuning "
                 "code does); use --dp-sampling poisson for a guarantee that holds"
             )
-        if not self.cfg.dp_secure_rng:
-            logger.info(
-                "DP: noise and samples come from generators seeded by --seed; anyone who knows "
-                "the seed can reproduce them. Use --dp-secure-rng for a deployment"
+        if self.cfg.dp_insecure_seeded_rng:
+            logger.warning(
+                "DP: --dp-insecure-seeded-rng: the noise and the samples are functions of --seed, "
+                "which every checkpoint stores. The reported ε holds ONLY against someone who does "
+                "not know the seed; never release this model"
             )
-        self.configure_budget(updates)
-        if self.dp_trainer is not None:
-            self._configure_trainer(self.dp_trainer)
+        if self.cfg.dp_secure_rng:
+            logger.info("DP: --dp-secure-rng is the default now and has no effect")
+        if self.cfg.dp_hide_private_stats:
+            logger.info("DP: --dp-hide-private-stats: train lines carry no statistic of the private "
+                        "data (fairseq prints loss=-1 as its placeholder)")
+        self.configure_budget(remaining)
+
+    def _noise_for_target(self, remaining: Optional[int], spent, update_num: int) -> float:
+        if remaining is None:
+            raise DPConfigError("--dp-target-epsilon needs the number of updates: set --max-epoch or --max-update")
+        target = self.cfg.dp_target_epsilon
+        # a resumed run keeps the σ it started with while that still meets the
+        # target, so that resuming does not change the noise
+        if update_num > 0 and spent:
+            sigma = spent[-1][0]
+            eps = epsilon_of(spent + [(sigma, self.sample_rate, remaining)], self.cfg.dp_delta, self.cfg.dp_accountant)
+            if eps <= target:
+                return sigma
+        return calibrate_noise_multiplier(
+            target_epsilon=target, delta=self.cfg.dp_delta, sample_rate=self.sample_rate,
+            steps=remaining, mechanism=self.cfg.dp_accountant, spent=spent,
+        )
 
     def configure_budget(self, planned_updates: Optional[int]) -> None:
         """With --dp-max-epsilon: how many ledger steps the budget allows,
@@ -291,7 +486,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if max_eps is None:
             return
         if self.noise_multiplier == 0:
-            raise ValueError("--dp-max-epsilon cannot be met with --dp-noise-multiplier 0 (ε = inf)")
+            raise DPConfigError("--dp-max-epsilon cannot be met with --dp-noise-multiplier 0 (ε = inf)")
         spent = self.accountant.get_epsilon(self.cfg.dp_delta)
         allowed = self.accountant.steps_within_budget(
             max_eps,
@@ -322,19 +517,19 @@ class DPSentencePredictionTask(SentencePredictionTask):
         dp_trainer.noise_multiplier = self.noise_multiplier
         dp_trainer.sample_rate = self.sample_rate
         dp_trainer.budget_steps = self.budget_steps
-        dp_trainer.secure_rng = bool(self.cfg.dp_secure_rng)
+        dp_trainer.seeded_rng = bool(self.cfg.dp_insecure_seeded_rng)
         # one worker adds the noise; legacy_ddp's sum then holds it once
         dp_trainer.adds_noise = data_parallel_rank() == 0
 
     def build_model(self, cfg, from_checkpoint=False):
         if getattr(cfg, "encoder_layerdrop", 0) > 0:
-            raise ValueError(
+            raise DPConfigError(
                 "--encoder-layerdrop skips layers at random, so a skipped layer's per-example "
                 "gradients are missing from that update; use --encoder-layerdrop 0 with DP"
             )
         for flag in ("mha_reg_scale_factor", "ffn_reg_scale_factor"):
             if getattr(cfg, flag, 0):
-                raise ValueError(
+                raise DPConfigError(
                     f"--{flag.replace('_', '-')} adds a regularizer computed from the weights, "
                     "outside the modules whose per-example gradients DP clips, so its gradient "
                     "would be dropped; set it to 0 with DP"
@@ -360,6 +555,8 @@ class DPSentencePredictionTask(SentencePredictionTask):
             expected_batch_size=self.expected_batch_size,
             sample_rate=self.sample_rate,
             seed=self.cfg.seed,
+            seeded_rng=bool(self.cfg.dp_insecure_seeded_rng),
+            micro_batches_per_update=self.cfg.update_freq[0],
             clipping=self.cfg.dp_clipping,
         )
 
@@ -368,7 +565,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
 
         criterion = super().build_criterion(cfg)
         if not isinstance(criterion, DPSentencePredictionCriterion):
-            raise ValueError(
+            raise DPConfigError(
                 "--task dp_sentence_prediction needs --criterion dp_sentence_prediction, "
                 "which reports the privacy spent"
             )
@@ -381,7 +578,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if len(ignored) > 0:
             # q = expected batch / N counts every training example; one that is
             # silently dropped would make q (and ε) wrong
-            raise ValueError(
+            raise DPConfigError(
                 f"DP: {len(ignored)} training examples are longer than max positions "
                 f"{max_positions} (first ids {list(ignored[:5])}); fairseq would skip them, "
                 "which the privacy accounting cannot allow. Use --shorten-method truncate, or "
@@ -406,7 +603,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if max_positions is not None:
             self.filter_indices_by_size(np.arange(num_examples), dataset, max_positions)
         if num_shards != self.world_size:
-            raise ValueError(f"DP: {num_shards} data shards but --distributed-world-size {self.world_size}")
+            raise DPConfigError(f"DP: {num_shards} data shards but --distributed-world-size {self.world_size}")
         seed = self.sampling_seed()
         chunks = num_shards * self.cfg.update_freq[0]
         draws = draws_per_epoch(num_examples, self.expected_batch_size)
@@ -434,10 +631,11 @@ class DPSentencePredictionTask(SentencePredictionTask):
         )
 
     def sampling_seed(self) -> int:
-        """The seed of the Poisson draws: --seed, or with --dp-secure-rng a
-        secret from the OS, drawn once per process and shared by all workers
-        (their draws must agree) but never saved, so a resumed run draws its
-        remaining batches afresh (independent draws, same guarantee)."""
+        """The seed of the Poisson draws: a secret from the OS, drawn once per
+        process and shared by all workers (their draws must agree) but never
+        saved, so a resumed run draws its remaining batches afresh
+        (independent draws, same guarantee); --seed with
+        --dp-insecure-seeded-rng."""
         if self._sampling_seed is None:
             seed = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -446,11 +644,13 @@ class DPSentencePredictionTask(SentencePredictionTask):
         return self._sampling_seed
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if self.noise_multiplier is None:
+        if self.sample_rate is None:
             raise RuntimeError(
-                "DP: σ and the sampling rate are set when the training set is loaded; "
+                "DP: the sampling rate is set when the training set is loaded; "
                 f"call task.load_dataset('{self.cfg.train_subset}') before training"
             )
+        if not self._started:
+            self.start_private_training(update_num)
         if (
             self.dp_trainer is None
             or self.dp_trainer.model is not unwrap_model(model)
@@ -464,14 +664,19 @@ class DPSentencePredictionTask(SentencePredictionTask):
         self.dp_trainer.catch_up_ledger(update_num)
         self._stop_at_budget(update_num)
         steps_before = self.accountant.steps
-        result = self.dp_trainer.train_step(sample, model, criterion, update_num, ignore_grad)
+        loss, sample_size, logging_output = self.dp_trainer.train_step(
+            sample, model, criterion, update_num, ignore_grad)
         if self.budget_steps is not None and steps_before < self.budget_steps == self.accountant.steps:
             logger.info(
                 f"DP: privacy budget reached: ε = {self.accountant.get_epsilon(self.cfg.dp_delta):.4g} "
                 f"after this update, and one more would exceed --dp-max-epsilon "
                 f"{self.cfg.dp_max_epsilon}; stopping"
             )
-        return result
+        if self.cfg.dp_hide_private_stats:
+            # the loss, accuracy, batch size and clipped share of a private
+            # batch, without noise: none of them leaves this step
+            logging_output = {"dp_sample": 1}
+        return loss, sample_size, logging_output
 
     def _stop_at_budget(self, update_num: int) -> None:
         """Lower fairseq's --max-update to the last update within
@@ -481,7 +686,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
             return
         self._stop_update_set = True
         stop = update_num + (self.budget_steps - self.accountant.steps)
-        root = self.cfg._get_root() if hasattr(self.cfg, "_get_root") else None
+        root = self._root_cfg()
         optimization = getattr(root, "optimization", None)
         if optimization is None:
             return  # no fairseq training loop to stop; the DP trainer still refuses
@@ -492,8 +697,20 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 f"{stop}, the last one within the privacy budget"
             )
 
-    def reduce_metrics(self, logging_outputs, criterion):
-        super().reduce_metrics(logging_outputs, criterion)
-        if any("dp_sample" in log for log in logging_outputs):
-            criterion.report_privacy(logging_outputs)
+    def state_dict(self):
+        """fairseq's Trainer asks for the task state whenever it saves a
+        checkpoint: the moment to bring the ledger of the checkpoints chosen
+        by validation up to date (see ``checkpoint_ledger``)."""
+        root = self._root_cfg()
+        checkpoint = getattr(root, "checkpoint", None)
+        if checkpoint is not None and self.accountant.steps > 0 and data_parallel_rank() == 0:
+            refresh_best_checkpoint_ledgers(checkpoint.save_dir, checkpoint.checkpoint_suffix or "",
+                                            self.accountant)
+        return super().state_dict()
 
+    def reduce_metrics(self, logging_outputs, criterion):
+        private = any("dp_sample" in log for log in logging_outputs)
+        if not (private and self.cfg.dp_hide_private_stats):
+            super().reduce_metrics(logging_outputs, criterion)
+        if private:
+            criterion.report_privacy(logging_outputs)
