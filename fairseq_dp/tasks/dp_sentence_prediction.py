@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -284,6 +285,11 @@ class DPSentencePredictionTask(SentencePredictionTask):
         return min(limits) if limits else None
 
     def load_dataset(self, split, combine=False, **kwargs):
+        if split == self.cfg.train_subset:
+            tokens = os.path.join(self.cfg.data, "input0", f"{split}.bin")
+            if os.path.exists(tokens) and os.path.getsize(tokens) == 0:
+                # fairseq would fail to memory-map it, with a traceback
+                raise DPConfigError(f"DP: the training split '{split}' is empty ({tokens})")
         dataset = super().load_dataset(split, combine=combine, **kwargs)
         if split == self.cfg.train_subset or split in str(self.cfg.valid_subset).split(","):
             self.check_labels(split)
