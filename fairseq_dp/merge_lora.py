@@ -6,7 +6,9 @@
 Every adapted matrix becomes ``W₀ + (α / r)·B A``, the ``lora_A`` / ``lora_B``
 entries are dropped and the architecture is renamed to the plain one
 (``roberta_lora_base`` → ``roberta_base``), so the result loads as a
-``RobertaModel`` with the same outputs, in fairseq with or without the plugin.
+``RobertaModel`` with the same outputs, in fairseq with or without the plugin
+(its task becomes fairseq's ``sentence_prediction``, as ``fairseq_dp.export``
+does).
 A model whose heads read the mean over tokens, or whose LayerNorm ε is not
 fairseq's, becomes the plugin's ``roberta_pooled`` (``_minilm``) instead, since
 stock RoBERTa cannot express either.
@@ -15,7 +17,7 @@ moves from the model state to the checkpoint's top-level ``dp_ledger`` entry,
 which stock fairseq ignores (so it loads the model state strictly) and the
 plugin reads: a DP run that continues from the merged checkpoint composes
 with the privacy already spent (``checkpoint_ledger``). The rest of the
-checkpoint (task settings, classification heads) is kept.
+checkpoint (classification heads, the DP task's options under ``dp_task``) is kept.
 """
 
 import argparse
@@ -25,8 +27,7 @@ from typing import Dict
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from .accounting import LEDGER_KEYS
-from .checkpoint_ledger import TOP_LEVEL_KEY
+from .export import move_ledger_to_top_level, use_stock_task
 from .models.roberta_lora import PLAIN_ARCH, POOLED_ARCH
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
     if arch not in PLAIN_ARCH:
         raise ValueError(f"{src} is not a roberta_lora checkpoint (architecture {arch!r})")
     scaling = float(get("lora_alpha")) / int(get("lora_rank"))
-    ledger = {k: state["model"].pop(k) for k in LEDGER_KEYS if k in state["model"]}
-    if ledger:
-        state[TOP_LEVEL_KEY] = ledger
+    move_ledger_to_top_level(state)
     state["model"] = merge_lora_state_dict(state["model"], scaling)
     plain = PLAIN_ARCH[arch]
     pooling, eps = get("classification_pooling") or "cls", get("layer_norm_eps") or 1e-5
@@ -83,6 +82,8 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
         model_cfg._name, model_cfg.arch = plain, plain
     if state.get("cfg") is not None and state.get("args") is not None:
         state["args"].arch = plain
+    if plain == PLAIN_ARCH[arch]:  # stock fairseq builds it: give it fairseq's own task
+        use_stock_task(state)
     state["last_optimizer_state"] = None
     torch.save(state, dst)
     logger.info(f"merged LoRA adapters (scale {scaling:g}) of {src} into {dst} ({plain})")

@@ -310,3 +310,55 @@ def test_hidden_private_stats_leave_only_noisy_and_public_numbers_in_train_lines
         assert "gnorm" in line and "dp_sigma" in line
     valid_lines = [m for m in messages if "valid on" in m]
     assert valid_lines and all("accuracy" in m for m in valid_lines)  # held-out data: allowed
+
+
+# ------------------------------------------------- checkpoints for stock fairseq
+STOCK_FAIRSEQ = r"""
+import sys, torch
+from fairseq.models.roberta import RobertaModel
+directory, data, tokens, out = sys.argv[1:5]
+logits = {}
+for name in sys.argv[5:]:
+    hub = RobertaModel.from_pretrained(directory, checkpoint_file=name, data_name_or_path=data, bpe="characters")
+    hub.eval()
+    logits[name] = hub.predict("sentence_classification_head", torch.load(tokens), return_logits=True)
+assert not any(m.startswith("fairseq_dp") for m in sys.modules)
+torch.save(logits, out)
+"""
+
+
+def test_exported_and_merged_checkpoints_load_in_fairseq_without_the_plugin(data, tmp_path, caplog):
+    from fairseq import checkpoint_utils
+
+    from fairseq_dp.export import export_checkpoint
+
+    run_main(train_args(data, "--max-update", "2", "--save-dir", str(tmp_path / "full"), *LOG, model=PLAIN), caplog)
+    run_main(train_args(data, "--max-update", "2", "--save-dir", str(tmp_path / "lora"), *LOG, model=LORA), caplog)
+    export_checkpoint(str(tmp_path / "full" / "checkpoint_last.pt"), str(tmp_path / "exported.pt"))
+    merge_lora_checkpoint(str(tmp_path / "lora" / "checkpoint_last.pt"), str(tmp_path / "merged.pt"))
+    with pytest.raises(DPConfigError, match="plugin's architecture 'roberta_lora'"):
+        export_checkpoint(str(tmp_path / "lora" / "checkpoint_last.pt"), str(tmp_path / "no.pt"))
+
+    sample = batch(build(train_args(data))[1], size=8)  # padded: lengths differ
+    tokens = sample["net_input"]["src_tokens"]
+    assert (tokens == 1).any()
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK_FAIRSEQ)
+    # torch >= 2.6 refuses fairseq's pickled configs by default; a stock
+    # fairseq user opts out of weights_only as fairseq's own docs require
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+               PYTHONPATH="")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), data, str(tmp_path / "tokens.pt"),
+                           str(tmp_path / "logits.pt"), "exported.pt", "merged.pt"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stock = torch.load(tmp_path / "logits.pt")
+    for name, source in (("exported.pt", tmp_path / "full" / "checkpoint_last.pt"),
+                         ("merged.pt", tmp_path / "lora" / "checkpoint_last.pt")):
+        models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(source)])
+        models[0].eval()
+        with torch.no_grad():
+            expected, _ = models[0](tokens, classification_head_name="sentence_classification_head")
+        torch.testing.assert_close(stock[name], expected, atol=1e-5, rtol=1e-5)
+        assert "dp_ledger" in torch.load(tmp_path / name, weights_only=False)
