@@ -19,6 +19,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.sentence_prediction import SentencePredictionConfig, SentencePredictionTask
 from omegaconf import II
 
+from .. import planning
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
 from ..models.sentence_encoder import keep_first_token_pooling_of_old_checkpoint
@@ -213,17 +214,15 @@ class DPSentencePredictionTask(SentencePredictionTask):
         return max(self.cfg.distributed_world_size, 1)
 
     def updates_per_epoch(self, dataset_size: int) -> int:
-        if self.cfg.dp_sampling == "poisson":
-            return draws_per_epoch(dataset_size, self.expected_batch_size)
-        # fairseq shards the batches over workers, then groups --update-freq of them
-        batches = math.ceil(dataset_size / self.cfg.batch_size)
-        return math.ceil(math.ceil(batches / self.world_size) / self.cfg.update_freq[0])
+        return planning.updates_per_epoch(
+            dataset_size, expected_batch_size=self.expected_batch_size, sampling=self.cfg.dp_sampling,
+            batch_size=self.cfg.batch_size, update_freq=self.cfg.update_freq[0], world_size=self.world_size,
+        )
 
     def planned_updates(self, dataset_size: int) -> Optional[int]:
-        per_epoch = self.updates_per_epoch(dataset_size)
-        limits = [self.cfg.max_epoch * per_epoch] if self.cfg.max_epoch > 0 else []
-        limits += [self.cfg.max_update] if self.cfg.max_update > 0 else []
-        return min(limits) if limits else None
+        return planning.planned_updates(
+            self.updates_per_epoch(dataset_size), self.cfg.max_epoch, self.cfg.max_update
+        )
 
     def load_dataset(self, split, combine=False, **kwargs):
         dataset = super().load_dataset(split, combine=combine, **kwargs)
@@ -241,7 +240,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 f"{self.expected_batch_size}) is larger than the training set ({dataset_size} "
                 "examples); make it smaller"
             )
-        self.sample_rate = min(1.0, self.expected_batch_size / dataset_size)
+        self.sample_rate = planning.sample_rate(dataset_size, self.expected_batch_size)
         updates = self.planned_updates(dataset_size)
         if self.cfg.dp_target_epsilon is not None:
             self.noise_multiplier = calibrate_noise_multiplier(
