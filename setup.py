@@ -37,16 +37,22 @@ setup(
         # checkpoint conversion and GLUE preparation (neither needs torch from pip)
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        # fairseq-dp-report's plots (matplotlib needs neither torch nor a display)
+        "matplotlib>=3.5",
     ],
     extras_require={
         # transformers: the independent reference for the conversion tests
-        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0", "transformers>=4.40"],
-        "bench": ["matplotlib"],
+        # tensorboardX: fairseq's --tensorboard-logdir writer, for the validation-curve test
+        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0", "transformers>=4.40", "tensorboardX"],
+        # matplotlib is now installed by default; the extra stays for old instructions
+        "bench": [],
     },
     entry_points={
         "console_scripts": [
             "fairseq-dp-convert = fairseq_dp.convert:main",
             "fairseq-dp-prepare-glue = fairseq_dp.prepare_glue:main",
+            "fairseq-dp-plan = fairseq_dp.plan:main",
+            "fairseq-dp-report = fairseq_dp.report:main",
         ],
     },
 )

@@ -496,3 +496,9 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if any("dp_sample" in log for log in logging_outputs):
             criterion.report_privacy(logging_outputs)
 
+    def post_validate(self, model, stats, agg):
+        # fairseq_cli.train calls this once per validation, before it prints
+        # the stats to the log line, TensorBoard and W&B: ε goes in there,
+        # next to the validation metric, computed once
+        if self.noise_multiplier is not None:
+            stats["dp_epsilon"] = round(self.accountant.get_epsilon(self.cfg.dp_delta), 4)
