@@ -11,7 +11,11 @@ from setuptools import find_packages, setup
 setup(
     name="fairseq-dp",
     version="0.1.0",
-    description="Differentially private fine-tuning (RGP) for fairseq, as a --user-dir plugin",
+    description=(
+        "Differentially private fine-tuning of RoBERTa encoders for fairseq, as a --user-dir "
+        "plugin: RGP (reparametrized gradient perturbation), DP full fine-tuning with ghost "
+        "clipping, and DP-LoRA"
+    ),
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="MIT",
