@@ -28,6 +28,8 @@ from .accounting import ACCOUNTANTS
 from .errors import DPConfigError
 
 PROG = "fairseq-dp-plan"
+# the largest ε (by RDP) for which the PRV accountant is run
+PRV_LIMIT = 200
 
 
 def count_examples(data: str, subset: str = "train") -> int:
@@ -157,6 +159,21 @@ def plan(args) -> List[str]:
             f"at q = {q:.6g} ({e}); allow a larger ε, fewer updates or a smaller batch"
         )
     mechanisms = [args.accountant] + [m for m in sorted(ACCOUNTANTS) if m != args.accountant]
+    notes = []
+    if sigma > 0 and "prv" in mechanisms:
+        # opacus sizes the PRV grid from an RDP bound: about 1 GB of memory at
+        # ε ≈ 170, and far more beyond (measured), for an ε that means nothing
+        rdp_final = planning.epsilon(sigma, q, updates, args.delta, "rdp")
+        if rdp_final > PRV_LIMIT:
+            if args.accountant == "prv":
+                raise DPConfigError(
+                    f"ε would be {rdp_final:.4g} (RDP) after {updates} updates at σ = {sigma:.6g}, "
+                    f"q = {q:.6g}: no meaningful guarantee, and beyond ε = {PRV_LIMIT} the PRV "
+                    "accountant needs gigabytes of memory. Use more noise, fewer updates or a "
+                    "smaller batch (or --accountant rdp to see the numbers)"
+                )
+            mechanisms.remove("prv")
+            notes.append(f"PRV not computed: ε > {PRV_LIMIT} (its grid would need gigabytes of memory)")
     final = planning.epsilon(sigma, q, updates, args.delta, args.accountant)
     source = f"--data {args.data}" if args.data is not None else "--num-examples"
     lines = [
@@ -178,10 +195,12 @@ def plan(args) -> List[str]:
     lines.append("  ".join(f"{h:>10}" for h in header))
     for epoch, n, eps in rows:
         lines.append("  ".join([f"{epoch:>10}", f"{n:>10}"] + [f"{e:>10.4g}" for e in eps]))
-    lines.append(
-        f"Both columns bound the same run (σ, q, updates); the training run reports the "
-        f"{args.accountant.upper()} one (--dp-accountant {args.accountant}). RDP is usually the looser bound."
-    )
+    if len(mechanisms) > 1:
+        lines.append(
+            f"Both columns bound the same run (σ, q, updates); the training run reports the "
+            f"{args.accountant.upper()} one (--dp-accountant {args.accountant}). RDP is usually the looser bound."
+        )
+    lines += notes
     if num_examples * args.delta >= 1:
         lines.append(
             f"warning: δ = {args.delta:g} ≥ 1/N = {1 / num_examples:.3g}: a mechanism that publishes "

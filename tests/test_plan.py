@@ -146,7 +146,18 @@ MISTAKES = [
      "no such directory"),
     (["--num-examples", 100, "--batch-size", 10, "--epochs", 1, "--noise-multiplier", 1,
       "--sampling", "shuffle", "--update-freq", 3], "must be --update-freq × --workers"),
+    # ε ≈ 9400: opacus's PRV grid would take more memory than the machine has
+    (["--num-examples", 1000, "--batch-size", 500, "--max-update", 3200, "--noise-multiplier", 0.3],
+     "ε would be 9429 (RDP) after 3200 updates"),
 ]
+
+
+def test_no_prv_column_where_it_would_exhaust_memory(capsys):
+    plan.main(["--num-examples", "1000", "--batch-size", "500", "--max-update", "3200",
+               "--noise-multiplier", "0.3", "--accountant", "rdp"])
+    out = capsys.readouterr().out
+    assert out.startswith("sigma=0.3 q=0.5 updates=3200 epsilon=9429 ")
+    assert "ε (PRV)" not in out and "PRV not computed: ε > 200" in out
 
 
 @pytest.mark.parametrize("args, message", MISTAKES)
