@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_LOG")
-    parser.add_argument("--out", metavar="PNG", help="write the plot here (default: print the table only)")
+    parser.add_argument("--out", metavar="PNG", default="dp_report.png", help="where to write the plot")
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--metric", default="accuracy", help="validation metric to report")
     parser.add_argument("--subset", default="valid", help="validation subset (fairseq's --valid-subset)")
     parser.add_argument("--labels", help="comma-separated run names, in the order of the runs")
@@ -269,7 +270,7 @@ def report(args) -> List[str]:
         if names.count(run.name) > 1:
             run.name = f"{run.name}#{runs.index(run) + 1}"
     lines += [""] + table(runs, args.subset, args.metric)
-    if args.out:
+    if not args.no_plot:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise DPConfigError(f"--out {args.out}: directory {out_dir} does not exist")

@@ -199,3 +199,13 @@ def test_the_command_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "no log file in this directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_default_plot_file_and_no_plot(runs, tmp_path, monkeypatch, capsys):
+    _, simple, _ = runs
+    monkeypatch.chdir(tmp_path)
+    report.main([simple, "--no-plot"])
+    assert "wrote" not in capsys.readouterr().out and os.listdir(tmp_path) == []
+    report.main([simple])
+    assert "wrote dp_report.png" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["dp_report.png"]
