@@ -11,7 +11,11 @@ from setuptools import find_packages, setup
 setup(
     name="fairseq-dp",
     version="0.1.0",
-    description="Differentially private fine-tuning (RGP) for fairseq, as a --user-dir plugin",
+    description=(
+        "Differentially private fine-tuning of RoBERTa encoders for fairseq, as a --user-dir "
+        "plugin: RGP (reparametrized gradient perturbation), DP full fine-tuning with ghost "
+        "clipping, and DP-LoRA"
+    ),
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -37,17 +41,23 @@ setup(
         # checkpoint conversion and GLUE preparation (neither needs torch from pip)
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        # fairseq-dp-report's plots (matplotlib needs neither torch nor a display)
+        "matplotlib>=3.5",
     ],
     extras_require={
         # transformers: the independent reference for the conversion tests
-        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0", "transformers>=4.40"],
-        "bench": ["matplotlib"],
+        # tensorboardX: fairseq's --tensorboard-logdir writer, for the validation-curve test
+        "test": ["pytest>=7", "hypothesis>=6", "prv-accountant==0.2.0", "transformers>=4.40", "tensorboardX"],
+        # matplotlib is now installed by default; the extra stays for old instructions
+        "bench": [],
     },
     entry_points={
         "console_scripts": [
             "fairseq-dp-convert = fairseq_dp.convert:main",
             "fairseq-dp-prepare-glue = fairseq_dp.prepare_glue:main",
             "fairseq-dp-export = fairseq_dp.export:main",
+            "fairseq-dp-plan = fairseq_dp.plan:main",
+            "fairseq-dp-report = fairseq_dp.report:main",
         ],
     },
 )

@@ -13,8 +13,11 @@ So PRV is asked only where RDP's bound is at most ``PRV_TRUSTED_UP_TO``, and
 the smaller of the two valid bounds is reported; beyond, RDP's bound is.
 """
 
+import contextlib
 import hashlib
+import logging
 import math
+import re
 import struct
 import warnings
 import weakref
@@ -37,36 +40,74 @@ MAX_NOISE_MULTIPLIER = 1e4
 History = Sequence[Tuple[float, float, int]]
 
 
-def _rdp_epsilon(history: History, delta: float) -> float:
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    with warnings.catch_warnings():
-        # "Optimal order is the largest alpha": the bound is still valid, only looser
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta=delta))
-
-
-def epsilon_of(history: History, delta: float, mechanism: str) -> float:
+def epsilon_of(history: History, delta: float, mechanism: str, explain: bool = True) -> float:
     """A valid upper bound on ε at ``delta`` for a history of subsampled
-    Gaussian mechanisms: ``inf`` if any step had no noise, never negative."""
+    Gaussian mechanisms: ``inf`` if any step had no noise, never negative.
+    ``explain``: log opacus's order-at-the-edge warning once when it
+    qualifies the reported RDP bound (not during a calibration's probes)."""
     history = [entry for entry in history if entry[2] > 0]
     if not history:
         return 0.0
     if any(not sigma > 0 for sigma, _, _ in history):
         return math.inf
-    rdp = _rdp_epsilon(history, delta)
+    rdp_accountant = RDPAccountant()
+    rdp_accountant.history = list(history)
+    with _rdp_order_warnings(mechanism if explain else None):
+        rdp = float(rdp_accountant.get_epsilon(delta=delta))
     if mechanism == "rdp" or not rdp <= PRV_TRUSTED_UP_TO:
         return max(0.0, rdp)
     accountant = PRVAccountant()
     accountant.history = list(history)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # RDP's, from PRV's domain sizing
+        with _rdp_order_warnings("prv"):  # RDP's, from PRV's domain sizing
             prv = float(accountant.get_epsilon(delta=delta))
     except (RuntimeError, ValueError, FloatingPointError):
         # e.g. "Discrete mean differs significantly from continuous mean"
         prv = math.inf
     return max(0.0, min(prv, rdp))
+
+logger = logging.getLogger(__name__)
+
+# opacus's RDP conversion warns when the best Rényi order is an end of its range
+_ORDER_AT_EDGE = re.compile(r"Optimal order is the (largest|smallest) alpha")
+_explained_edges = set()
+
+
+@contextlib.contextmanager
+def _rdp_order_warnings(mechanism: Optional[str]):
+    """Handle opacus's "Optimal order is the largest alpha" warning.
+
+    The PRV accountant runs opacus's RDP code only to size the domain of its
+    discretization (``compute_safe_domain_size``, at δ/4000 and per-step
+    δ/(8000·T)); at such δ the best order is often the largest, which at most
+    widens the domain, and the ε it reports is unaffected. A calibration also
+    passes through σ values far from the answer. In both cases the warning
+    says nothing about the run, so ``mechanism=None`` (calibration) and
+    ``"prv"`` silence it. For the RDP accountant it qualifies the reported ε,
+    so it is explained once in the log instead. Other warnings pass through.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        edge = _ORDER_AT_EDGE.search(str(w.message))
+        if edge is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif mechanism == "rdp" and edge.group(1) not in _explained_edges:
+            _explained_edges.add(edge.group(1))
+            if edge.group(1) == "largest":
+                logger.info(
+                    "DP: the RDP accountant's best Rényi order here is the largest it tries "
+                    f"({max(RDPAccountant.DEFAULT_ALPHAS)}), so its ε is a valid but loose upper "
+                    "bound (opacus warns \"Optimal order is the largest alpha\"); the PRV "
+                    "accountant (--dp-accountant prv) gives a tighter one"
+                )
+            else:
+                logger.info(
+                    "DP: the RDP accountant's best Rényi order here is the smallest it tries "
+                    f"({min(RDPAccountant.DEFAULT_ALPHAS)}): ε is large (weak privacy), and the "
+                    "bound still holds (opacus warns \"Optimal order is the smallest alpha\")"
+                )
 
 
 def _check_mechanism(mechanism: str) -> None:
@@ -294,7 +335,7 @@ def calibrate_noise_multiplier(
     spent = [tuple(entry) for entry in spent if entry[2] > 0]
 
     def eps(sigma: float) -> float:
-        return epsilon_of(spent + [(sigma, sample_rate, steps)], delta, mechanism)
+        return epsilon_of(spent + [(sigma, sample_rate, steps)], delta, mechanism, explain=False)
 
     already = epsilon_of(spent, delta, mechanism)
     if already >= target_epsilon:

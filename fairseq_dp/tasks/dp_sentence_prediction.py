@@ -22,6 +22,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.sentence_prediction import SentencePredictionConfig, SentencePredictionTask
 from omegaconf import II
 
+from .. import planning
 from ..accounting import (
     MAX_NOISE_MULTIPLIER,
     PrivacyAccountant,
@@ -272,17 +273,15 @@ class DPSentencePredictionTask(SentencePredictionTask):
         return max(self.cfg.distributed_world_size, 1)
 
     def updates_per_epoch(self, dataset_size: int) -> int:
-        if self.cfg.dp_sampling == "poisson":
-            return draws_per_epoch(dataset_size, self.expected_batch_size)
-        # fairseq shards the batches over workers, then groups --update-freq of them
-        batches = math.ceil(dataset_size / self.cfg.batch_size)
-        return math.ceil(math.ceil(batches / self.world_size) / self.cfg.update_freq[0])
+        return planning.updates_per_epoch(
+            dataset_size, expected_batch_size=self.expected_batch_size, sampling=self.cfg.dp_sampling,
+            batch_size=self.cfg.batch_size, update_freq=self.cfg.update_freq[0], world_size=self.world_size,
+        )
 
     def planned_updates(self, dataset_size: int) -> Optional[int]:
-        per_epoch = self.updates_per_epoch(dataset_size)
-        limits = [self.cfg.max_epoch * per_epoch] if self.cfg.max_epoch > 0 else []
-        limits += [self.cfg.max_update] if self.cfg.max_update > 0 else []
-        return min(limits) if limits else None
+        return planning.planned_updates(
+            self.updates_per_epoch(dataset_size), self.cfg.max_epoch, self.cfg.max_update
+        )
 
     def load_dataset(self, split, combine=False, **kwargs):
         if split == self.cfg.train_subset:
@@ -405,7 +404,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
             )
         self.check_same_on_every_rank(dataset_size, self.datasets.get(self.cfg.train_subset))
         self.check_weights_history()
-        self.sample_rate = min(1.0, self.expected_batch_size / dataset_size)
+        self.sample_rate = planning.sample_rate(dataset_size, self.expected_batch_size)
         self.planned = self.planned_updates(dataset_size)
         self._dataset_size = dataset_size
         if self.cfg.dp_noise_multiplier is not None:
@@ -720,3 +719,10 @@ class DPSentencePredictionTask(SentencePredictionTask):
             super().reduce_metrics(logging_outputs, criterion)
         if private:
             criterion.report_privacy(logging_outputs)
+
+    def post_validate(self, model, stats, agg):
+        # fairseq_cli.train calls this once per validation, before it prints
+        # the stats to the log line, TensorBoard and W&B: ε goes in there,
+        # next to the validation metric, computed once
+        if self.noise_multiplier is not None:
+            stats["dp_epsilon"] = round(self.accountant.get_epsilon(self.cfg.dp_delta), 4)
