@@ -17,12 +17,14 @@ import torch.nn as nn
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from .errors import DPConfigError
+
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
 
 def _check_mechanism(mechanism: str) -> None:
     if mechanism not in ACCOUNTANTS:
-        raise ValueError(
+        raise DPConfigError(
             f"--dp-accountant {mechanism!r} is unknown; choose one of {sorted(ACCOUNTANTS)}"
         )
 
@@ -140,7 +142,7 @@ def ledger_digest(ledger: torch.Tensor) -> torch.Tensor:
     return torch.tensor(list(struct.unpack("<4q", digest)), dtype=torch.int64)
 
 
-class LedgerMismatch(ValueError):
+class LedgerMismatch(DPConfigError):
     """A checkpoint's ledger does not match its digest."""
 
 
@@ -201,9 +203,9 @@ def calibrate_noise_multiplier(
     mechanism = str(mechanism)
     _check_mechanism(mechanism)
     if target_epsilon <= 0:
-        raise ValueError(f"--dp-target-epsilon must be > 0, got {target_epsilon}")
+        raise DPConfigError(f"--dp-target-epsilon must be > 0, got {target_epsilon}")
     if steps < 1:
-        raise ValueError(f"cannot calibrate σ for {steps} updates")
+        raise DPConfigError(f"cannot calibrate σ for {steps} updates")
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

@@ -18,6 +18,7 @@ from fairseq.modules.layer_norm import Fp32LayerNorm
 from torch import Tensor
 
 from .registry import GradSampler, batch_first, register_grad_sampler
+from ..errors import DPConfigError
 
 LAYER_NORM_TYPES = [nn.LayerNorm, Fp32LayerNorm]
 try:  # apex is optional: fairseq uses it on GPU when it is installed
@@ -39,7 +40,7 @@ class LayerNormGradSampler(GradSampler):
     def trainable_params(self, module):
         params = super().trainable_params(module)
         if params and len(tuple(module.normalized_shape)) != 1:
-            raise ValueError(
+            raise DPConfigError(
                 "DP training supports LayerNorm over the last dimension only, got "
                 f"normalized_shape={tuple(module.normalized_shape)}"
             )

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..modules.lora_linear import LoRALinear
 from .linear import weight_clipped_sum, weight_norms_sq, weight_per_example
 from .registry import GradSampler, batch_first, register_grad_sampler
+from ..errors import DPConfigError
 
 
 @register_grad_sampler(LoRALinear)
@@ -22,7 +23,7 @@ class LoRALinearGradSampler(GradSampler):
         params = super().trainable_params(module)
         frozen_base = [n for n in ("weight", "bias") if n in params]
         if frozen_base:
-            raise ValueError(
+            raise DPConfigError(
                 f"LoRA trains only the low-rank factors: {', '.join(frozen_base)} of a "
                 "LoRALinear must be frozen"
             )
