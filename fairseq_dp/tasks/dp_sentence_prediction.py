@@ -8,6 +8,7 @@ The task validates the whole run's setup before anything trains, calibrates
 
 import logging
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -20,7 +21,9 @@ from fairseq.tasks.sentence_prediction import SentencePredictionConfig, Sentence
 from omegaconf import II
 
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
+from ..checkpoint_fit import check_checkpoints_on_load
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
+from ..errors import DPConfigError
 from ..models.sentence_encoder import keep_first_token_pooling_of_old_checkpoint
 from ..prepare import freeze_patterns, prepare_model_for_dp
 from ..trainer import CLIPPING_MODES, DPTrainer, PrivacyBudgetExhausted, unwrap_model
@@ -180,7 +183,18 @@ def check_dp_config(cfg) -> None:
             "them), before per-example clipping; multi-worker DP needs --ddp-backend legacy_ddp"
         )
     if errors:
-        raise ValueError("invalid DP configuration:\n  - " + "\n  - ".join(errors))
+        raise DPConfigError("invalid DP configuration:\n  - " + "\n  - ".join(errors))
+
+
+def check_data_dir(data: str) -> None:
+    """fairseq would fail on the first file it opens, with a traceback."""
+    layout = ("a fairseq sentence-prediction directory has input0/dict.txt and label/dict.txt "
+              "with the binarized splits (fairseq-dp-prepare-glue or fairseq-preprocess write them)")
+    if not data or not os.path.isdir(data):
+        raise DPConfigError(f"data directory {data!r} does not exist; {layout}")
+    missing = [f for f in ("input0/dict.txt", "label/dict.txt") if not os.path.isfile(os.path.join(data, f))]
+    if missing:
+        raise DPConfigError(f"data directory {data!r} has no {' or '.join(missing)}; {layout}")
 
 
 @register_task("dp_sentence_prediction", dataclass=DPSentencePredictionConfig)
@@ -202,6 +216,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         check_dp_config(cfg)
+        check_data_dir(cfg.data)
         return super().setup_task(cfg, **kwargs)
 
     @property
@@ -234,9 +249,9 @@ class DPSentencePredictionTask(SentencePredictionTask):
     def configure_privacy(self, dataset_size: int) -> None:
         """Sampling rate and σ for a training set of ``dataset_size`` examples."""
         if dataset_size < 1:
-            raise ValueError("the DP training set is empty")
+            raise DPConfigError("the DP training set is empty")
         if self.expected_batch_size > dataset_size:
-            raise ValueError(
+            raise DPConfigError(
                 f"DP: the expected logical batch (--batch-size × --update-freq × workers = "
                 f"{self.expected_batch_size}) is larger than the training set ({dataset_size} "
                 "examples); make it smaller"
@@ -291,7 +306,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if max_eps is None:
             return
         if self.noise_multiplier == 0:
-            raise ValueError("--dp-max-epsilon cannot be met with --dp-noise-multiplier 0 (ε = inf)")
+            raise DPConfigError("--dp-max-epsilon cannot be met with --dp-noise-multiplier 0 (ε = inf)")
         spent = self.accountant.get_epsilon(self.cfg.dp_delta)
         allowed = self.accountant.steps_within_budget(
             max_eps,
@@ -328,13 +343,13 @@ class DPSentencePredictionTask(SentencePredictionTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         if getattr(cfg, "encoder_layerdrop", 0) > 0:
-            raise ValueError(
+            raise DPConfigError(
                 "--encoder-layerdrop skips layers at random, so a skipped layer's per-example "
                 "gradients are missing from that update; use --encoder-layerdrop 0 with DP"
             )
         for flag in ("mha_reg_scale_factor", "ffn_reg_scale_factor"):
             if getattr(cfg, flag, 0):
-                raise ValueError(
+                raise DPConfigError(
                     f"--{flag.replace('_', '-')} adds a regularizer computed from the weights, "
                     "outside the modules whose per-example gradients DP clips, so its gradient "
                     "would be dropped; set it to 0 with DP"
@@ -342,6 +357,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if from_checkpoint:
             keep_first_token_pooling_of_old_checkpoint(cfg)
         model = super().build_model(cfg, from_checkpoint)
+        check_checkpoints_on_load(model)  # fairseq's own archs too
         keep_ledger_with_weights(model, self.accountant)
         prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
         self.dp_trainer = self._make_dp_trainer(model)
@@ -368,7 +384,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
 
         criterion = super().build_criterion(cfg)
         if not isinstance(criterion, DPSentencePredictionCriterion):
-            raise ValueError(
+            raise DPConfigError(
                 "--task dp_sentence_prediction needs --criterion dp_sentence_prediction, "
                 "which reports the privacy spent"
             )
@@ -381,7 +397,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if len(ignored) > 0:
             # q = expected batch / N counts every training example; one that is
             # silently dropped would make q (and ε) wrong
-            raise ValueError(
+            raise DPConfigError(
                 f"DP: {len(ignored)} training examples are longer than max positions "
                 f"{max_positions} (first ids {list(ignored[:5])}); fairseq would skip them, "
                 "which the privacy accounting cannot allow. Use --shorten-method truncate, or "
@@ -406,7 +422,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if max_positions is not None:
             self.filter_indices_by_size(np.arange(num_examples), dataset, max_positions)
         if num_shards != self.world_size:
-            raise ValueError(f"DP: {num_shards} data shards but --distributed-world-size {self.world_size}")
+            raise DPConfigError(f"DP: {num_shards} data shards but --distributed-world-size {self.world_size}")
         seed = self.sampling_seed()
         chunks = num_shards * self.cfg.update_freq[0]
         draws = draws_per_epoch(num_examples, self.expected_batch_size)

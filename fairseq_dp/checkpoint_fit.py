@@ -1,0 +1,115 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""A checkpoint whose encoder does not fit the model's architecture.
+
+torch's strict ``load_state_dict`` answers a wrong ``--arch`` (say
+``roberta_rgp_base`` for a converted MiniLM) with one ``size mismatch`` line per
+tensor, hundreds of lines, and fairseq re-raises that as "Cannot load model
+parameters". This check runs first (a ``load_state_dict`` pre-hook on the
+model, torch's public mechanism, so it also covers fairseq's own RoBERTa
+classes) and raises one :class:`DPConfigError` that says what the checkpoint's
+encoder is and which flags rebuild it.
+"""
+
+import re
+from typing import Dict, Optional, Tuple
+
+from fairseq.models import ARCH_MODEL_REGISTRY
+from torch import nn
+
+from .errors import DPConfigError
+
+ENC = "encoder.sentence_encoder."
+LAYER = re.compile(r"^" + re.escape(ENC) + r"layers\.(\d+)\.")
+# (layers, embedding dim, FFN dim) of the archs the plugin ships sizes for
+KNOWN_SIZES = {(6, 384, 1536): "_minilm", (12, 768, 3072): "_base", (24, 1024, 4096): "_large"}
+HOOKED = "_fairseq_dp_checks_checkpoint_fit"
+
+
+def encoder_sizes(shapes: Dict[str, Tuple[int, ...]], prefix: str = "") -> Optional[dict]:
+    """Layers, dims, vocabulary and position rows of a RoBERTa encoder state."""
+    def shape(name):
+        return shapes.get(prefix + ENC + name)
+
+    embed, fc1 = shape("embed_tokens.weight"), shape("layers.0.fc1.weight")
+    if embed is None or fc1 is None:
+        return None
+    layers = {int(m.group(1)) for k in shapes for m in [LAYER.match(k[len(prefix):])] if k.startswith(prefix) and m}
+    positions = shape("embed_positions.weight")
+    return {
+        "layers": len(layers),
+        "embed_dim": embed[1],
+        "ffn_dim": fc1[0],
+        "vocabulary": embed[0],
+        # fairseq's learned positions keep padding_idx + 1 = 2 extra rows
+        "max_positions": positions[0] - 2 if positions is not None else None,
+    }
+
+
+def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str) -> str:
+    arch = arch or "this model"
+    lines = [f"the checkpoint does not fit --arch {arch} ({example})."]
+    what = (f"Its encoder has {theirs['layers']} layers, embedding dim {theirs['embed_dim']}, "
+            f"FFN dim {theirs['ffn_dim']}")
+    if theirs["max_positions"] is not None:
+        what += f", {theirs['max_positions']} positions"
+    lines.append(what + f" and {theirs['vocabulary']} vocabulary rows; the model has "
+                 f"{ours['layers']}, {ours['embed_dim']}, {ours['ffn_dim']}"
+                 + (f", {ours['max_positions']}" if ours["max_positions"] is not None else "")
+                 + f" and {ours['vocabulary']}.")
+    sizes = (theirs["layers"], theirs["embed_dim"], theirs["ffn_dim"])
+    if sizes != (ours["layers"], ours["embed_dim"], ours["ffn_dim"]):
+        suffix = KNOWN_SIZES.get(sizes)
+        family = re.sub(r"_(base|large|minilm)$", "", arch)
+        flags = (f"--encoder-layers {sizes[0]} --encoder-embed-dim {sizes[1]} "
+                 f"--encoder-ffn-embed-dim {sizes[2]} --encoder-attention-heads H "
+                 "(the checkpoint's number of heads)")
+        if suffix and family + suffix in ARCH_MODEL_REGISTRY:
+            lines.append(f"Use --arch {family + suffix}, or give {flags}.")
+        else:
+            lines.append(f"Give {flags}.")
+    if theirs["max_positions"] is not None and theirs["max_positions"] != ours["max_positions"]:
+        lines.append(f"Set --max-positions {theirs['max_positions']} (or the value it was trained with).")
+    if theirs["vocabulary"] != ours["vocabulary"]:
+        lines.append("The vocabulary differs: the data must be binarized with the checkpoint's own "
+                     "dict.txt (fairseq-dp-prepare-glue --dict CHECKPOINT_DIR/dict.txt).")
+    lines.append("A checkpoint written by fairseq-dp-convert lists the flags that rebuild its encoder "
+                 "in convert.json next to model.pt (\"roberta_rgp_flags\" for the plugin's archs, "
+                 "\"fairseq_flags\" for fairseq's roberta).")
+    return "\n".join(lines)
+
+
+def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "") -> None:
+    """Raise a DPConfigError if the RoBERTa encoder in ``state_dict`` has other
+    sizes than ``model``'s; anything else is left to torch's strict load."""
+    own = {k: tuple(t.shape) for k, t in list(model.named_parameters()) + list(model.named_buffers())}
+    theirs = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+              if k.startswith(prefix) and hasattr(v, "shape")}
+    mismatched = [k for k in own if k in theirs and theirs[k] != own[k]]
+    ours_sizes, their_sizes = encoder_sizes(own), encoder_sizes(theirs)
+    if their_sizes is None or ours_sizes is None:
+        return
+    if not mismatched and their_sizes == ours_sizes:
+        return
+    if mismatched:
+        k = mismatched[0]
+        example = (f"{len(mismatched)} tensors differ in shape, e.g. {k}: checkpoint "
+                   f"{list(theirs[k])}, model {list(own[k])}")
+    else:
+        example = f"{their_sizes['layers']} layers in the checkpoint, {ours_sizes['layers']} in the model"
+    args = getattr(model, "args", None)
+    arch = getattr(args, "arch", None) or getattr(args, "_name", None)
+    raise DPConfigError(fit_message(arch, their_sizes, ours_sizes, example))
+
+
+def check_checkpoints_on_load(model: nn.Module) -> None:
+    """Run :func:`check_checkpoint_fits` before every ``load_state_dict`` of
+    ``model`` (once per model, however often it is called)."""
+    if getattr(model, HOOKED, False):
+        return
+    setattr(model, HOOKED, True)
+
+    def hook(module, state_dict, prefix, *unused):
+        if module is model:
+            check_checkpoint_fits(model, state_dict, prefix)
+
+    model.register_load_state_dict_pre_hook(hook)
