@@ -245,3 +245,24 @@ def test_pairs_are_truncated_longest_first_and_match_the_reference_tokenizer(min
         predicted = task.label_dictionary[item["target"].item() + task.label_dictionary.nspecial]
         assert predicted == label
     assert len(reference.tokenize(question)) > max_length  # the truncation was exercised
+
+
+def test_hub_encode_with_bert_bpe_gives_the_prepared_tokens(minilm, sst_like):
+    """The inference recipe for a converted WordPiece checkpoint:
+    ``from_pretrained(..., bpe="bert", bpe_vocab_file=<vocab.txt>)`` makes
+    ``hub.encode`` produce exactly the ids that fairseq-dp-prepare-glue wrote
+    (with the task's --init-token 0 in front)."""
+    from types import SimpleNamespace
+
+    from fairseq.data import Dictionary, data_utils
+    from fairseq.data.encoders.hf_bert_bpe import BertBPE, BertBPEConfig
+    from fairseq.models.roberta.hub_interface import RobertaHubInterface
+
+    vocab = Dictionary.load(os.path.join(sst_like, "input0", "dict.txt"))
+    prepared = data_utils.load_indexed_dataset(os.path.join(sst_like, "input0", "valid"), vocab)
+    bpe = BertBPE(BertBPEConfig(bpe_vocab_file=os.path.join(minilm_dir(), "vocab.txt")))
+    # the hub's encode needs only these two attributes
+    hub = SimpleNamespace(bpe=bpe, task=SimpleNamespace(source_dictionary=vocab))
+    for i, sentence in enumerate(SENTENCES):
+        expected = [vocab.bos()] + prepared[i].tolist()
+        assert RobertaHubInterface.encode(hub, sentence).tolist() == expected
