@@ -67,13 +67,15 @@ def user_error_message(exc: BaseException) -> Optional[str]:
 
 
 def _program_name() -> str:
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    if name in ("__main__.py", "-c", "") or name.endswith(".py"):
+    path = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    name = os.path.basename(path)
+    parent = os.path.dirname(path)
+    if name.endswith(".py") and os.path.isfile(os.path.join(parent, "__init__.py")):
         # python -m fairseq_cli.train / fairseq_dp.convert: name the module
-        parent = os.path.basename(os.path.dirname(sys.argv[0])) if sys.argv and sys.argv[0] else ""
         stem = os.path.splitext(name)[0]
-        return f"{parent}.{stem}" if parent and stem not in ("__main__", "-c", "") else "python"
-    return name
+        package = os.path.basename(parent)
+        return package if stem == "__main__" else f"{package}.{stem}"
+    return name or "python"
 
 
 def _dp_excepthook(exc_type, exc, tb):
