@@ -47,6 +47,7 @@ setup(
         "console_scripts": [
             "fairseq-dp-convert = fairseq_dp.convert:main",
             "fairseq-dp-prepare-glue = fairseq_dp.prepare_glue:main",
+            "fairseq-dp-flags = fairseq_dp.flags:main",
         ],
     },
 )

@@ -52,3 +52,7 @@ from .errors import DPConfigError, install_excepthook  # noqa: E402,F401
 install_excepthook()
 
 from . import criterions, models, tasks  # noqa: E402,F401
+from .flags import show_after_fairseq_help  # noqa: E402
+
+# fairseq-train --help cannot list the plugin's flags: print them after it
+show_after_fairseq_help()
