@@ -263,6 +263,10 @@ def test_hub_encode_with_bert_bpe_gives_the_prepared_tokens(minilm, sst_like):
     bpe = BertBPE(BertBPEConfig(bpe_vocab_file=os.path.join(minilm_dir(), "vocab.txt")))
     # the hub's encode needs only these two attributes
     hub = SimpleNamespace(bpe=bpe, task=SimpleNamespace(source_dictionary=vocab))
+    plugin_tokenizer = Tokenizer(minilm_dir())
     for i, sentence in enumerate(SENTENCES):
         expected = [vocab.bos()] + prepared[i].tolist()
         assert RobertaHubInterface.encode(hub, sentence).tolist() == expected
+        # the recipe without transformers: the plugin's tokenizer and the dictionary
+        line = "<s> " + " ".join(plugin_tokenizer([sentence])[0]) + " </s>"
+        assert vocab.encode_line(line, append_eos=False, add_if_not_exist=False).tolist() == expected
