@@ -39,11 +39,21 @@ class DPConfigError(ValueError, _HydraCompact):
     """A setting, file or checkpoint that the plugin refuses, with what to change."""
 
 
-# how a spawned worker's DPConfigError looks in the traceback text the parent re-raises
+# how a spawned worker's error looks in the traceback text the parent re-raises:
+# the exception's qualified class name, then its message up to the next blank line
 _SPAWNED = re.compile(
-    r"^fairseq_dp\.errors\.DPConfigError: (.*?)(?=\n\n|\nThe above exception|\nDuring handling|\Z)",
+    r"^(fairseq_dp(?:\.\w+)+): (.*?)(?=\n\n|\nThe above exception|\nDuring handling|\Z)",
     re.S | re.M,
 )
+
+
+def _is_user_error_class(qualified_name: str) -> bool:
+    """Whether a class named in a worker's traceback text is a DPConfigError
+    (PrivacyBudgetExhausted, LedgerMismatch... are subclasses)."""
+    module_name, _, class_name = qualified_name.rpartition(".")
+    module = sys.modules.get(module_name)
+    cls = getattr(module, class_name, None)
+    return isinstance(cls, type) and issubclass(cls, DPConfigError)
 
 
 def user_error_message(exc: BaseException) -> Optional[str]:
@@ -59,9 +69,11 @@ def user_error_message(exc: BaseException) -> Optional[str]:
                 return f"{str(outer).strip()}\n{exc}"
             return str(exc)
         if type(exc).__name__ == "ProcessRaisedException":
-            match = _SPAWNED.search(str(exc))
-            if match:
-                return match.group(1).rstrip()
+            # the text lists chained exceptions innermost first; report the
+            # outermost user error, as for an exception of this process
+            found = [m.group(2).rstrip() for m in _SPAWNED.finditer(str(exc)) if _is_user_error_class(m.group(1))]
+            if found:
+                return found[-1]
         exc = exc.__cause__ or exc.__context__
     return None
 

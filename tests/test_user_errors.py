@@ -171,9 +171,14 @@ PROGRAMS = {
         import torch.multiprocessing
         import fairseq_dp
         from fairseq_dp.errors import DPConfigError
+        from fairseq_dp.trainer import PrivacyBudgetExhausted
 
         def worker(rank):
-            raise DPConfigError("invalid DP configuration:\\n  - from worker " + str(rank))
+            try:
+                raise DPConfigError("an inner reason")
+            except DPConfigError:
+                # a subclass of DPConfigError, raised while handling another
+                raise PrivacyBudgetExhausted("invalid DP configuration:\\n  - from worker " + str(rank))
 
         if __name__ == "__main__":
             torch.multiprocessing.spawn(worker, nprocs=1, join=True)
@@ -194,3 +199,4 @@ def test_excepthook(tmp_path, name):
                                      "what to change")
     else:
         assert_message_only(rc, out, "error: invalid DP configuration:\n  - from worker 0")
+        assert "an inner reason" not in out
