@@ -45,7 +45,7 @@ def encoder_sizes(shapes: Dict[str, Tuple[int, ...]], prefix: str = "") -> Optio
     }
 
 
-def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str) -> str:
+def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str, lora_rank: Optional[int] = None) -> str:
     arch = arch or "this model"
     lines = [f"the checkpoint does not fit --arch {arch} ({example})."]
     what = (f"Its encoder has {theirs['layers']} layers, embedding dim {theirs['embed_dim']}, "
@@ -69,6 +69,8 @@ def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str) -> 
             lines.append(f"Give {flags}.")
     if theirs["max_positions"] is not None and theirs["max_positions"] != ours["max_positions"]:
         lines.append(f"Set --max-positions {theirs['max_positions']} (or the value it was trained with).")
+    if lora_rank is not None:
+        lines.append(f"Its LoRA adapters have rank {lora_rank}: give --lora-rank {lora_rank}.")
     if theirs["vocabulary"] != ours["vocabulary"]:
         lines.append("The vocabulary differs: the data must be binarized with the checkpoint's own "
                      "dict.txt (fairseq-dp-prepare-glue --dict CHECKPOINT_DIR/dict.txt).")
@@ -98,7 +100,10 @@ def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "") -> Non
         example = f"{their_sizes['layers']} layers in the checkpoint, {ours_sizes['layers']} in the model"
     args = getattr(model, "args", None)
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)
-    raise DPConfigError(fit_message(arch, their_sizes, ours_sizes, example))
+    # LoRA's A factor is (rank x in)
+    lora = [k for k in mismatched if k.endswith(".lora_A")]
+    lora_rank = theirs[lora[0]][0] if lora else None
+    raise DPConfigError(fit_message(arch, their_sizes, ours_sizes, example, lora_rank))
 
 
 def check_checkpoints_on_load(model: nn.Module) -> None:

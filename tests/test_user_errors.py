@@ -97,6 +97,16 @@ def test_fit_message_names_the_arch_of_known_sizes():
     assert "Give --encoder-layers 6 --encoder-embed-dim 384" in fit_message("roberta_base", minilm, base, "e.g.")
 
 
+def test_lora_rank_that_does_not_fit(data):
+    """The encoder fits, the adapters do not: the message names the rank."""
+    _, task, model, _ = build(train_args(data, model=["--arch", "roberta_lora", *SIZES, "--lora-rank", "4"],
+                                         noise=("--dp-noise-multiplier", "0")))
+    _, _, other, _ = build(train_args(data, model=["--arch", "roberta_lora", *SIZES, "--lora-rank", "2"],
+                                      noise=("--dp-noise-multiplier", "0")))
+    with pytest.raises(DPConfigError, match=r"(?s)does not fit --arch roberta_lora.*give --lora-rank 4"):
+        other.load_state_dict(model.state_dict(), strict=True)
+
+
 def test_fairseq_validate_on_a_checkpoint_that_does_not_fit(data, tmp_path):
     checkpoint = str(tmp_path / "wide.pt")
     save_tiny_checkpoint(data, checkpoint, ["--encoder-layers", "3", *SIZES[2:]])
