@@ -10,6 +10,8 @@ classes) and raises one :class:`DPConfigError` that says what the checkpoint's
 encoder is and which flags rebuild it.
 """
 
+import logging
+import os
 import re
 from typing import Dict, Optional, Tuple
 
@@ -17,6 +19,8 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from torch import nn
 
 from .errors import DPConfigError
+
+logger = logging.getLogger(__name__)
 
 ENC = "encoder.sentence_encoder."
 LAYER = re.compile(r"^" + re.escape(ENC) + r"layers\.(\d+)\.")
@@ -80,7 +84,7 @@ def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str, lor
     return "\n".join(lines)
 
 
-def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "") -> None:
+def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "", conversion: Optional[dict] = None) -> None:
     """Raise a DPConfigError if the RoBERTa encoder in ``state_dict`` has other
     sizes than ``model``'s; anything else is left to torch's strict load."""
     own = {k: tuple(t.shape) for k, t in list(model.named_parameters()) + list(model.named_buffers())}
@@ -103,7 +107,14 @@ def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "") -> Non
     # LoRA's A factor is (rank x in)
     lora = [k for k in mismatched if k.endswith(".lora_A")]
     lora_rank = theirs[lora[0]][0] if lora else None
-    raise DPConfigError(fit_message(arch, their_sizes, ours_sizes, example, lora_rank))
+    message = fit_message(arch, their_sizes, ours_sizes, example, lora_rank)
+    if conversion:
+        # the checkpoint's own record replaces the pointer to convert.json
+        message = message.rsplit("\n", 1)[0]
+        message += ("\nThis checkpoint was converted by fairseq-dp-convert; the flags that rebuild its "
+                    f"encoder: {' '.join(conversion.get('roberta_rgp_flags', []))} (plugin archs), "
+                    f"{' '.join(conversion.get('fairseq_flags', []))} (fairseq's roberta).")
+    raise DPConfigError(message)
 
 
 def check_checkpoints_on_load(model: nn.Module) -> None:
@@ -118,3 +129,49 @@ def check_checkpoints_on_load(model: nn.Module) -> None:
             check_checkpoint_fits(model, state_dict, prefix)
 
     model.register_load_state_dict_pre_hook(hook)
+
+
+def pretrained_checkpoint(checkpoint_cfg) -> Optional[str]:
+    """The checkpoint the user named for fairseq_cli.train to start from
+    (``--finetune-from-model`` on a first launch, or ``--restore-file``), as
+    ``checkpoint_utils.load_checkpoint`` chooses it; None when the run resumes
+    its own ``checkpoint_last.pt`` or starts from scratch."""
+    suffix = getattr(checkpoint_cfg, "checkpoint_suffix", "") or ""
+    restore = getattr(checkpoint_cfg, "restore_file", "checkpoint_last.pt")
+    if restore == "checkpoint_last.pt":
+        last = os.path.join(checkpoint_cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        finetune = getattr(checkpoint_cfg, "finetune_from_model", None)
+        if finetune is None or os.path.exists(last) or getattr(checkpoint_cfg, "continue_once", None):
+            return None
+        if not os.path.isfile(finetune):
+            raise DPConfigError(f"--finetune-from-model {finetune}: no such checkpoint file")
+        return finetune
+    return restore.replace(".pt", suffix + ".pt") if suffix else restore
+
+
+def check_pretrained_checkpoint(model: nn.Module, task_cfg) -> None:
+    """Before fairseq loads the checkpoint the user named, check that it fits
+    the model. fairseq's own load does the same check through the pre-hook,
+    but inside a ``try`` that re-raises a plain ``Exception``, which
+    ``fairseq-hydra-train`` prints with a traceback; from here the message
+    reaches every entry point alone, with the file's name."""
+    root = task_cfg._get_root() if hasattr(task_cfg, "_get_root") else None
+    checkpoint_cfg = getattr(root, "checkpoint", None) if root is not None else None
+    if checkpoint_cfg is None:
+        return
+    path = pretrained_checkpoint(checkpoint_cfg)
+    if path is None or not os.path.isfile(path):
+        return  # fairseq then trains from scratch, and says so
+    try:
+        import torch
+
+        state = torch.load(path, map_location="cpu", mmap=True)
+    except Exception as e:  # noqa: BLE001  an early courtesy check: fairseq's own load decides
+        logger.debug(f"checkpoint shapes not checked early ({path}: {e})")
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return
+    try:
+        check_checkpoint_fits(model, state["model"], conversion=state.get("fairseq_dp_conversion"))
+    except DPConfigError as e:
+        raise DPConfigError(f"{path}: {e}") from None

@@ -270,3 +270,27 @@ def test_hub_encode_with_bert_bpe_gives_the_prepared_tokens(minilm, sst_like):
         # the recipe without transformers: the plugin's tokenizer and the dictionary
         line = "<s> " + " ".join(plugin_tokenizer([sentence])[0]) + " </s>"
         assert vocab.encode_line(line, append_eos=False, add_if_not_exist=False).tolist() == expected
+
+
+def test_converted_checkpoint_for_another_arch_is_refused_with_its_flags(minilm, sst_like):
+    """--arch roberta_rgp at its default (base) sizes would meet 214 'size
+    mismatch' lines; instead one message with the arch of MiniLM's sizes and
+    the converter's own flags."""
+    from fairseq_dp.checkpoint_fit import check_checkpoint_fits
+    from fairseq_dp.errors import DPConfigError
+
+    argv = [sst_like, "--user-dir", PLUGIN_DIR, "--cpu", "--task", "dp_sentence_prediction", "--criterion",
+            "dp_sentence_prediction", "--num-classes", "2", "--max-positions", "512", "--batch-size", "8",
+            "--dp-noise-multiplier", "1.0", "--arch", "roberta_rgp", "--encoder-layers", "2",
+            "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48", "--encoder-attention-heads", "4"]
+    cfg = parse(argv)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    state = torch.load(os.path.join(minilm[0], "model.pt"), weights_only=False)
+    flags = " ".join(minilm[1]["roberta_rgp_flags"])
+    with pytest.raises(DPConfigError) as refused:
+        check_checkpoint_fits(model, state["model"], conversion=state["fairseq_dp_conversion"])
+    message = str(refused.value)
+    assert "Use --arch roberta_rgp_minilm" in message
+    assert flags in message and "--classification-pooling mean" in flags
+    assert len(message.splitlines()) < 10

@@ -72,20 +72,53 @@ def save_tiny_checkpoint(data, path, sizes):
     trainer.save_checkpoint(path, {})
 
 
+WIDE = ["--encoder-layers", "3", "--encoder-embed-dim", "48", "--encoder-ffn-embed-dim", "64",
+        "--encoder-attention-heads", "4"]
+FIT_LINES = ["Its encoder has 3 layers, embedding dim 48, FFN dim 64",
+             "--encoder-layers 3 --encoder-embed-dim 48 --encoder-ffn-embed-dim 64", "convert.json"]
+
+
 @pytest.mark.parametrize("arch", ["roberta_rgp", "roberta"])
-def test_checkpoint_that_does_not_fit_the_arch(data, tmp_path, arch):
+def test_finetune_from_a_checkpoint_that_does_not_fit_the_arch(data, tmp_path, arch):
     checkpoint = str(tmp_path / "wide.pt")
-    save_tiny_checkpoint(data, checkpoint, ["--encoder-layers", "3", "--encoder-embed-dim", "48",
-                                            "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "4"])
+    save_tiny_checkpoint(data, checkpoint, WIDE)
     rc, out = run(fairseq_train(data, "--finetune-from-model", checkpoint, "--save-dir", str(tmp_path / "run"),
                                 "--max-update", "1", model=("--arch", arch, *SIZES)), tmp_path)
-    # fairseq's own wrapper line names the file, then the plugin's reason
-    assert_message_only(rc, out, f"Cannot load model parameters from checkpoint {checkpoint}",
-                        f"the checkpoint does not fit --arch {arch}",
-                        "Its encoder has 3 layers, embedding dim 48, FFN dim 64",
-                        "--encoder-layers 3 --encoder-embed-dim 48 --encoder-ffn-embed-dim 64", "convert.json")
+    assert_message_only(rc, out, f"fairseq-train: error: {checkpoint}: the checkpoint does not fit --arch {arch}",
+                        *FIT_LINES)
     assert "size mismatch" not in out
     assert len(out.splitlines()) < 200  # was one line per mismatched tensor
+
+
+def test_resume_with_flags_that_do_not_fit(data, tmp_path):
+    """Resuming checkpoint_last.pt with other sizes: fairseq's load raises its
+    own "Cannot load model parameters" from the plugin's error; the hook
+    prints both lines."""
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    save_tiny_checkpoint(data, str(save_dir / "checkpoint_last.pt"), WIDE)
+    rc, out = run(fairseq_train(data, "--save-dir", str(save_dir), "--max-update", "1"), tmp_path)
+    assert_message_only(rc, out, f"Cannot load model parameters from checkpoint {save_dir}/checkpoint_last.pt",
+                        "the checkpoint does not fit --arch roberta_rgp", *FIT_LINES)
+
+
+def test_hydra_finetune_from_a_checkpoint_that_does_not_fit(data, tmp_path):
+    checkpoint = str(tmp_path / "wide.pt")
+    save_tiny_checkpoint(data, checkpoint, WIDE)
+    overrides = [f"task.data={data}", f"common.user_dir={PLUGIN_DIR}", "common.cpu=true", "model._name=roberta_rgp",
+                 "++model.encoder_layers=2", "++model.encoder_embed_dim=32", "++model.encoder_ffn_embed_dim=48",
+                 "++model.encoder_attention_heads=4", "task.max_positions=64", "dataset.batch_size=8",
+                 "dataset.num_workers=0", f"checkpoint.save_dir={tmp_path}/ckpt",
+                 f"checkpoint.finetune_from_model={checkpoint}"]
+    rc, out = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(PLUGIN_DIR, "config"),
+                   "--config-name", "rgp_sst2", *overrides], tmp_path)
+    assert_message_only(rc, out, f"{checkpoint}: the checkpoint does not fit --arch roberta_rgp", *FIT_LINES)
+
+
+def test_missing_finetune_checkpoint(data, tmp_path):
+    missing = str(tmp_path / "no_such.pt")
+    rc, out = run(fairseq_train(data, "--finetune-from-model", missing, "--save-dir", str(tmp_path / "run")), tmp_path)
+    assert_message_only(rc, out, f"--finetune-from-model {missing}: no such checkpoint file")
 
 
 def test_fit_message_names_the_arch_of_known_sizes():

@@ -21,7 +21,7 @@ from fairseq.tasks.sentence_prediction import SentencePredictionConfig, Sentence
 from omegaconf import II
 
 from ..accounting import PrivacyAccountant, calibrate_noise_multiplier, keep_ledger_with_weights
-from ..checkpoint_fit import check_checkpoints_on_load
+from ..checkpoint_fit import check_checkpoints_on_load, check_pretrained_checkpoint
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
 from ..errors import DPConfigError
 from ..models.sentence_encoder import keep_first_token_pooling_of_old_checkpoint
@@ -358,6 +358,8 @@ class DPSentencePredictionTask(SentencePredictionTask):
             keep_first_token_pooling_of_old_checkpoint(cfg)
         model = super().build_model(cfg, from_checkpoint)
         check_checkpoints_on_load(model)  # fairseq's own archs too
+        if not from_checkpoint:
+            check_pretrained_checkpoint(model, self.cfg)
         keep_ledger_with_weights(model, self.accountant)
         prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
         self.dp_trainer = self._make_dp_trainer(model)
