@@ -40,10 +40,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from .accounting import PrivacyAccountant
+from .errors import DPConfigError
 from .grad_sample import find_grad_sampler
 from .modules import LowRankLinear, power_iteration
 from .prepare import prepare_recording
-from .errors import DPConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from fairseq import utils
 from fairseq.modules.learned_positional_embedding import LearnedPositionalEmbedding
 from torch import Tensor
 
-from .registry import GradSampler, batch_first, register_grad_sampler
 from ..errors import DPConfigError
+from .registry import GradSampler, batch_first, register_grad_sampler
 
 
 class EmbeddingGradSampler(GradSampler):

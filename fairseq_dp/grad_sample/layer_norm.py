@@ -17,8 +17,8 @@ import torch.nn as nn
 from fairseq.modules.layer_norm import Fp32LayerNorm
 from torch import Tensor
 
-from .registry import GradSampler, batch_first, register_grad_sampler
 from ..errors import DPConfigError
+from .registry import GradSampler, batch_first, register_grad_sampler
 
 LAYER_NORM_TYPES = [nn.LayerNorm, Fp32LayerNorm]
 try:  # apex is optional: fairseq uses it on GPU when it is installed

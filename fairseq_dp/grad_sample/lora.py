@@ -11,10 +11,10 @@ from typing import Dict
 
 from torch import Tensor
 
+from ..errors import DPConfigError
 from ..modules.lora_linear import LoRALinear
 from .linear import weight_clipped_sum, weight_norms_sq, weight_per_example
 from .registry import GradSampler, batch_first, register_grad_sampler
-from ..errors import DPConfigError
 
 
 @register_grad_sampler(LoRALinear)

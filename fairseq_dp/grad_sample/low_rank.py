@@ -5,9 +5,9 @@ from typing import Dict
 
 from torch import Tensor
 
+from ..errors import DPConfigError
 from ..modules.low_rank_linear import LowRankLinear
 from .registry import GradSampler, _add_grad, batch_first, register_grad_sampler
-from ..errors import DPConfigError
 
 
 @register_grad_sampler(LowRankLinear)

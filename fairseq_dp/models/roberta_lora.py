@@ -24,6 +24,7 @@ from fairseq.models.roberta.model import (
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr
 
+from ..errors import DPConfigError
 from ..modules import LoRALinear
 from .sentence_encoder import (
     SentenceEncoderMixin,
@@ -31,7 +32,6 @@ from .sentence_encoder import (
     minilm_architecture,
     sentence_encoder_architecture,
 )
-from ..errors import DPConfigError
 
 logger = logging.getLogger(__name__)
 

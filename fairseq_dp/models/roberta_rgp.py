@@ -22,6 +22,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerEncoder
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr, safe_hasattr
 
+from ..errors import DPConfigError
 from ..modules import LowRankLinear, LowRankMultiheadAttention
 from .sentence_encoder import (
     SentenceEncoderMixin,
@@ -29,7 +30,6 @@ from .sentence_encoder import (
     minilm_architecture,
     sentence_encoder_architecture,
 )
-from ..errors import DPConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .low_rank_linear import linear_subclass_copy
 from ..errors import DPConfigError
+from .low_rank_linear import linear_subclass_copy
 
 
 class LoRALinear(nn.Linear):
