@@ -58,6 +58,7 @@ setup(
             "fairseq-dp-export = fairseq_dp.export:main",
             "fairseq-dp-plan = fairseq_dp.plan:main",
             "fairseq-dp-report = fairseq_dp.report:main",
+            "fairseq-dp-flags = fairseq_dp.flags:main",
         ],
     },
 )

@@ -46,4 +46,13 @@ def _allow_fairseq_checkpoint_types() -> None:
 
 _allow_fairseq_checkpoint_types()
 
+from .errors import DPConfigError, install_excepthook  # noqa: E402,F401
+
+# fairseq's entry points then print a DPConfigError's message without a traceback
+install_excepthook()
+
 from . import criterions, models, tasks  # noqa: E402,F401
+from .flags import show_after_fairseq_help  # noqa: E402
+
+# fairseq-train --help cannot list the plugin's flags: print them after it
+show_after_fairseq_help()

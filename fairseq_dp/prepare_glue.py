@@ -32,6 +32,8 @@ import shutil
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from .errors import DPConfigError
+
 FIRST = ("sentence1", "question1", "question", "sentence")
 SECOND = {"sentence1": "sentence2", "question1": "question2", "question": "sentence"}
 LABELS = ("label", "is_duplicate", "gold_label")
@@ -46,13 +48,13 @@ def read_tsv(path: str) -> Tuple[List[str], Optional[List[str]], Optional[List[s
     header, rows = rows[0], rows[1:]
     first = next((c for c in FIRST if c in header), None)
     if first is None:
-        raise ValueError(f"{path}: no sentence column (one of {FIRST}) in the header {header}")
+        raise DPConfigError(f"{path}: no sentence column (one of {FIRST}) in the header {header}")
     second = SECOND.get(first) if SECOND.get(first) in header else None
     label = next((c for c in LABELS if c in header), None)
     cols = [header.index(c) if c else None for c in (first, second, label)]
     bad = [i + 2 for i, r in enumerate(rows) if len(r) <= max(c for c in cols if c is not None)]
     if bad:
-        raise ValueError(f"{path}: lines {bad[:5]} have fewer columns than the header")
+        raise DPConfigError(f"{path}: lines {bad[:5]} have fewer columns than the header")
     out = [[r[c] for r in rows] if c is not None else None for c in cols]
     return out[0], out[1], out[2]
 
@@ -62,15 +64,20 @@ class Tokenizer:
 
     def __init__(self, hf_dir: Optional[str] = None, gpt2_bpe: Optional[Sequence[str]] = None):
         if (hf_dir is None) == (gpt2_bpe is None):
-            raise ValueError("give exactly one of --tokenizer and --gpt2-bpe")
+            raise DPConfigError("give exactly one of --tokenizer and --gpt2-bpe")
         self.gpt2 = None
         if gpt2_bpe is not None:
             from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
 
+            missing = [f for f in gpt2_bpe if not os.path.isfile(f)]
+            if missing:
+                raise DPConfigError(f"--gpt2-bpe: no such file: {', '.join(missing)}")
             self.gpt2 = get_encoder(*gpt2_bpe)
             return
         from tokenizers import Tokenizer as HFTokenizer
 
+        if not os.path.isdir(hf_dir):
+            raise DPConfigError(f"--tokenizer {hf_dir}: no such directory")
         path = os.path.join(hf_dir, "tokenizer.json")
         if os.path.exists(path):
             self.hf = HFTokenizer.from_file(path)
@@ -84,7 +91,7 @@ class Tokenizer:
                     lowercase = json.load(f).get("do_lower_case", True)
             self.hf = BertWordPieceTokenizer(os.path.join(hf_dir, "vocab.txt"), lowercase=lowercase)
         else:
-            raise FileNotFoundError(f"{hf_dir} has neither tokenizer.json nor vocab.txt")
+            raise DPConfigError(f"{hf_dir} has neither tokenizer.json nor vocab.txt")
         self.hf.no_truncation()
         self.hf.no_padding()
 
@@ -154,9 +161,15 @@ def binarize(raw_dir: str, out_dir: str, key: str, splits: List[str], srcdict: O
 def prepare(
     glue_dir: str, out_dir: str, dict_path: str, tokenizer: Tokenizer, max_length: Optional[int] = None,
 ) -> dict:
+    if not os.path.isdir(glue_dir):
+        raise DPConfigError(f"{glue_dir}: no such directory (want GLUE-format train.tsv and dev.tsv)")
+    if not os.path.isfile(os.path.join(glue_dir, "train.tsv")):
+        raise DPConfigError(f"{glue_dir} has no train.tsv")
+    if not os.path.isfile(dict_path):
+        raise DPConfigError(f"--dict {dict_path}: no such file (fairseq-dp-convert writes dict.txt)")
     files = {"train": "train.tsv", "valid": next((f for f in DEV_FILES if os.path.exists(os.path.join(glue_dir, f))), None)}
     if files["valid"] is None:
-        raise FileNotFoundError(f"{glue_dir} has no dev file (one of {DEV_FILES})")
+        raise DPConfigError(f"{glue_dir} has no dev file (one of {DEV_FILES})")
     if os.path.exists(os.path.join(glue_dir, "test.tsv")):
         files["test"] = "test.tsv"
     raw = os.path.join(out_dir, "raw")
@@ -169,7 +182,7 @@ def prepare(
         if pair is None:
             pair = second is not None
         elif pair != (second is not None):
-            raise ValueError(f"{name}: single sentences and pairs mixed across splits")
+            raise DPConfigError(f"{name}: single sentences and pairs mixed across splits")
         a, b = truncate(tokenizer(first), tokenizer(second) if second else None, max_length)
         write_lines(os.path.join(raw, f"{split}.input0"), (" ".join(t) for t in a))
         if b is not None:
@@ -183,7 +196,7 @@ def prepare(
             "max_length": max(lengths, default=0),
         }
     if "train" not in labeled or "valid" not in labeled:
-        raise ValueError("train and dev files need a label column")
+        raise DPConfigError("train and dev files need a label column")
     for key in ("input0", "input1") if pair else ("input0",):
         binarize(raw, out_dir, key, list(files), dict_path)
     binarize(raw, out_dir, "label", labeled, None)

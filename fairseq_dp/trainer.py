@@ -51,6 +51,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .accounting import PrivacyAccountant
+from .errors import DPConfigError
 from .grad_sample import find_grad_sampler
 from .modules import LowRankLinear, power_iteration
 from .prepare import prepare_recording
@@ -71,7 +72,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-class PrivacyBudgetExhausted(RuntimeError):
+class PrivacyBudgetExhausted(DPConfigError, RuntimeError):
     """The next update would take ε past ``--dp-max-epsilon``."""
 
 
@@ -91,7 +92,7 @@ def check_plain_weights(name: str, module: nn.Module) -> None:
     weight is computed from them (spectral norm, weight norm, any
     parametrization or pre-hook) would get gradients for the wrong tensor."""
     if getattr(module, "parametrizations", None) or module._forward_pre_hooks:
-        raise ValueError(
+        raise DPConfigError(
             f"DP training cannot give per-example gradients to '{name}': its weight is "
             "reparametrized or changed by a forward pre-hook (e.g. "
             "--spectral-norm-classification-head, weight norm). Remove that option or "
@@ -172,7 +173,7 @@ class DPTrainer:
         clipping: str = "ghost",
     ):
         if clipping not in CLIPPING_MODES:
-            raise ValueError(f"--dp-clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
+            raise DPConfigError(f"--dp-clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
         self.clipping = clipping
         prepare_recording(model)
         self.model = model
@@ -205,7 +206,7 @@ class DPTrainer:
                 covered.update(id(p) for p in params.values())
         uncovered = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if uncovered:
-            raise ValueError(
+            raise DPConfigError(
                 "DP training needs a per-example gradient rule for every trainable "
                 f"parameter, and these have none: {', '.join(uncovered[:8])}"
                 + (f" (and {len(uncovered) - 8} more)" if len(uncovered) > 8 else "")
@@ -213,7 +214,7 @@ class DPTrainer:
                 "an architecture built for DP such as --arch roberta_rgp or roberta_lora."
             )
         if not self.tracked:
-            raise ValueError("DP training found no trainable parameter")
+            raise DPConfigError("DP training found no trainable parameter")
         self.params = [p for _, p in model.named_parameters() if p.requires_grad]
         self._guards = self._check_shared_parameters(model)
 
@@ -259,7 +260,7 @@ class DPTrainer:
         for shared in (o for o in owners.values() if len(o) > 1):
             names = " and ".join(n for n, _ in shared)
             if sum(id(m) in tracked_ids for _, m in shared) > 1:
-                raise ValueError(
+                raise DPConfigError(
                     f"DP training cannot clip the tied trainable parameter {names} "
                     "(used by two modules); untie it or freeze it (e.g. --dp-freeze)"
                 )

@@ -245,3 +245,52 @@ def test_pairs_are_truncated_longest_first_and_match_the_reference_tokenizer(min
         predicted = task.label_dictionary[item["target"].item() + task.label_dictionary.nspecial]
         assert predicted == label
     assert len(reference.tokenize(question)) > max_length  # the truncation was exercised
+
+
+def test_hub_encode_with_bert_bpe_gives_the_prepared_tokens(minilm, sst_like):
+    """The inference recipe for a converted WordPiece checkpoint:
+    ``from_pretrained(..., bpe="bert", bpe_vocab_file=<vocab.txt>)`` makes
+    ``hub.encode`` produce exactly the ids that fairseq-dp-prepare-glue wrote
+    (with the task's --init-token 0 in front)."""
+    from types import SimpleNamespace
+
+    from fairseq.data import Dictionary, data_utils
+    from fairseq.data.encoders.hf_bert_bpe import BertBPE, BertBPEConfig
+    from fairseq.models.roberta.hub_interface import RobertaHubInterface
+
+    vocab = Dictionary.load(os.path.join(sst_like, "input0", "dict.txt"))
+    prepared = data_utils.load_indexed_dataset(os.path.join(sst_like, "input0", "valid"), vocab)
+    bpe = BertBPE(BertBPEConfig(bpe_vocab_file=os.path.join(minilm_dir(), "vocab.txt")))
+    # the hub's encode needs only these two attributes
+    hub = SimpleNamespace(bpe=bpe, task=SimpleNamespace(source_dictionary=vocab))
+    plugin_tokenizer = Tokenizer(minilm_dir())
+    for i, sentence in enumerate(SENTENCES):
+        expected = [vocab.bos()] + prepared[i].tolist()
+        assert RobertaHubInterface.encode(hub, sentence).tolist() == expected
+        # the recipe without transformers: the plugin's tokenizer and the dictionary
+        line = "<s> " + " ".join(plugin_tokenizer([sentence])[0]) + " </s>"
+        assert vocab.encode_line(line, append_eos=False, add_if_not_exist=False).tolist() == expected
+
+
+def test_converted_checkpoint_for_another_arch_is_refused_with_its_flags(minilm, sst_like):
+    """--arch roberta_rgp at its default (base) sizes would meet 214 'size
+    mismatch' lines; instead one message with the arch of MiniLM's sizes and
+    the converter's own flags."""
+    from fairseq_dp.checkpoint_fit import check_checkpoint_fits
+    from fairseq_dp.errors import DPConfigError
+
+    argv = [sst_like, "--user-dir", PLUGIN_DIR, "--cpu", "--task", "dp_sentence_prediction", "--criterion",
+            "dp_sentence_prediction", "--num-classes", "2", "--max-positions", "512", "--batch-size", "8",
+            "--dp-noise-multiplier", "1.0", "--arch", "roberta_rgp", "--encoder-layers", "2",
+            "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48", "--encoder-attention-heads", "4"]
+    cfg = parse(argv)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    state = torch.load(os.path.join(minilm[0], "model.pt"), weights_only=False)
+    flags = " ".join(minilm[1]["roberta_rgp_flags"])
+    with pytest.raises(DPConfigError) as refused:
+        check_checkpoint_fits(model, state["model"], conversion=state["fairseq_dp_conversion"])
+    message = str(refused.value)
+    assert "Use --arch roberta_rgp_minilm" in message
+    assert flags in message and "--classification-pooling mean" in flags
+    assert len(message.splitlines()) < 10

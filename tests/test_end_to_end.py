@@ -13,6 +13,7 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq_cli import train
 
 from fairseq_dp.accounting import PrivacyAccountant
+from fairseq_dp.errors import DPConfigError
 
 from helpers import PLUGIN_DIR, batch, build, data_dir, parse, train_args
 
@@ -176,7 +177,7 @@ BAD_INPUTS = [
 def test_bad_input_stops_before_training_with_a_clear_message(data, extra, noise, message):
     noise_args = ("--dp-noise-multiplier", "1.0") if noise == "keep" else ()
     argv = train_args(data, *extra, noise=noise_args)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DPConfigError, match=message):
         build(argv)
 
 

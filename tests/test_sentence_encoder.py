@@ -9,9 +9,11 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 from fairseq.models.roberta import RobertaHubInterface, RobertaModel
+from fairseq.models.roberta.model import RobertaClassificationHead
 from fairseq.trainer import Trainer
 from omegaconf import open_dict
 
+from fairseq_dp.errors import DPConfigError
 from fairseq_dp.models.roberta_pooled import RobertaPooledModel
 
 from helpers import PLUGIN_DIR, batch, build, data_dir, train_args
@@ -89,21 +91,41 @@ def save_checkpoint(data, arch_args, path):
     return task, model.eval()
 
 
-def test_hub_interface_predict_reads_the_pooling(data, tmp_path):
-    """fairseq's RobertaHubInterface.predict applies the head to the first token
-    itself; the plugin's models return one whose predict runs their forward."""
+@pytest.mark.parametrize("loader", [RobertaModel, RobertaPooledModel], ids=["fairseq", "plugin"])
+def test_hub_interface_predict_reads_the_pooling(data, tmp_path, loader):
+    """fairseq's RobertaHubInterface.predict applies the head to
+    extract_features itself; a mean-pooling head must still pool over the
+    non-padding tokens, from fairseq's RobertaModel.from_pretrained as from the
+    plugin's class, on a padded batch."""
     path = str(tmp_path / "pooled.pt")
     task, model = save_checkpoint(data, ["--arch", "roberta_pooled", *SIZES, "--classification-pooling", "mean"], path)
-    hub = RobertaPooledModel.from_pretrained(str(tmp_path), checkpoint_file="pooled.pt", data_name_or_path=data,
-                                             bpe=None, user_dir=PLUGIN_DIR)
+    hub = loader.from_pretrained(str(tmp_path), checkpoint_file="pooled.pt", data_name_or_path=data,
+                                 bpe=None, user_dir=PLUGIN_DIR)
+    assert type(hub) is RobertaHubInterface  # fairseq's own, unchanged
     hub.eval()
-    tokens = task.dataset("train")[0]["net_input.src_tokens"]
+    tokens = batch(task, size=8)["net_input"]["src_tokens"]
+    pad = task.source_dictionary.pad()
+    assert (tokens == pad).any(), "want padding"
     with torch.no_grad():
-        expected, _ = model(tokens.unsqueeze(0), classification_head_name=HEAD)
         got = hub.predict(HEAD, tokens, return_logits=True)
-        stock = RobertaHubInterface.predict(hub, HEAD, tokens, return_logits=True)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(stock, expected, atol=1e-4)
+        # oracle: each example alone, unpadded, its states averaged by hand
+        expected = []
+        for row in tokens:
+            states, _ = model(row[row != pad].unsqueeze(0), features_only=True)
+            expected.append(model.classification_heads[HEAD](states.mean(dim=1, keepdim=True))[0])
+        first_token = RobertaClassificationHead.forward(hub.model.classification_heads[HEAD],
+                                                        hub.extract_features(tokens))
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first_token, got, atol=1e-4)
+
+
+def test_mean_head_refuses_states_without_their_padding_mask(data):
+    task, model = make(data, "roberta_pooled", "--classification-pooling", "mean")
+    tokens = batch(task, size=4)["net_input"]["src_tokens"]
+    with torch.no_grad():
+        states, _ = model(tokens, features_only=True)
+        with pytest.raises(DPConfigError, match="without their padding mask"):
+            model.classification_heads[HEAD](states.clone())
 
 
 def test_checkpoint_from_before_the_option_keeps_first_token_pooling(data, tmp_path):

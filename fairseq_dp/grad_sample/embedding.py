@@ -22,6 +22,7 @@ from fairseq import utils
 from fairseq.modules.learned_positional_embedding import LearnedPositionalEmbedding
 from torch import Tensor
 
+from ..errors import DPConfigError
 from .registry import GradSampler, batch_first, register_grad_sampler
 
 
@@ -29,7 +30,7 @@ class EmbeddingGradSampler(GradSampler):
     def trainable_params(self, module: nn.Embedding):
         params = super().trainable_params(module)
         if params and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
-            raise ValueError(
+            raise DPConfigError(
                 "DP training supports embeddings without max_norm, scale_grad_by_freq and "
                 "sparse gradients: their per-example gradients are not implemented"
             )
@@ -97,7 +98,7 @@ class LearnedPositionalEmbeddingGradSampler(EmbeddingGradSampler):
         names = ("input", "incremental_state", "positions")
         call = dict(zip(names, args), **kwargs)
         if call.get("incremental_state") is not None:
-            raise ValueError("DP training does not support incremental (decoding) positions")
+            raise DPConfigError("DP training does not support incremental (decoding) positions")
         if call.get("positions") is not None:
             return call["positions"]
         return utils.make_positions(call["input"], module.padding_idx, onnx_trace=module.onnx_trace)

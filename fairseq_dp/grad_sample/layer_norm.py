@@ -17,6 +17,7 @@ import torch.nn as nn
 from fairseq.modules.layer_norm import Fp32LayerNorm
 from torch import Tensor
 
+from ..errors import DPConfigError
 from .registry import GradSampler, batch_first, register_grad_sampler
 
 LAYER_NORM_TYPES = [nn.LayerNorm, Fp32LayerNorm]
@@ -39,7 +40,7 @@ class LayerNormGradSampler(GradSampler):
     def trainable_params(self, module):
         params = super().trainable_params(module)
         if params and len(tuple(module.normalized_shape)) != 1:
-            raise ValueError(
+            raise DPConfigError(
                 "DP training supports LayerNorm over the last dimension only, got "
                 f"normalized_shape={tuple(module.normalized_shape)}"
             )

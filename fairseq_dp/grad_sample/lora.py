@@ -11,6 +11,7 @@ from typing import Dict
 
 from torch import Tensor
 
+from ..errors import DPConfigError
 from ..modules.lora_linear import LoRALinear
 from .linear import weight_clipped_sum, weight_norms_sq, weight_per_example
 from .registry import GradSampler, batch_first, register_grad_sampler
@@ -22,7 +23,7 @@ class LoRALinearGradSampler(GradSampler):
         params = super().trainable_params(module)
         frozen_base = [n for n in ("weight", "bias") if n in params]
         if frozen_base:
-            raise ValueError(
+            raise DPConfigError(
                 f"LoRA trains only the low-rank factors: {', '.join(frozen_base)} of a "
                 "LoRALinear must be frozen"
             )

@@ -5,6 +5,7 @@ from typing import Dict
 
 from torch import Tensor
 
+from ..errors import DPConfigError
 from ..modules.low_rank_linear import LowRankLinear
 from .registry import GradSampler, _add_grad, batch_first, register_grad_sampler
 
@@ -16,7 +17,7 @@ class LowRankLinearGradSampler(GradSampler):
 
     def trainable_params(self, module: LowRankLinear):
         if module.bias is not None and module.bias.requires_grad:
-            raise ValueError(
+            raise DPConfigError(
                 "RGP reparametrizes weights only: the bias of a LowRankLinear must be frozen"
             )
         return {"weight": module.weight} if module.weight.requires_grad else {}

@@ -24,6 +24,7 @@ from fairseq.models.roberta.model import (
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr
 
+from ..errors import DPConfigError
 from ..modules import LoRALinear
 from .sentence_encoder import (
     SentenceEncoderMixin,
@@ -55,7 +56,7 @@ def parse_targets(spec: str):
     targets = [t.strip() for t in spec.split(",") if t.strip()]
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
-        raise ValueError(
+        raise DPConfigError(
             f"--lora-targets must be a comma-separated subset of {','.join(LORA_TARGETS)}, got {spec!r}"
         )
     return targets
@@ -84,7 +85,7 @@ class RobertaLoRAModel(SentenceEncoderMixin, RobertaModel):
     def build_model(cls, args, task):
         base_lora_architecture(args)
         if args.lora_rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+            raise DPConfigError(f"--lora-rank must be >= 1, got {args.lora_rank}")
         targets = parse_targets(args.lora_targets)
         model = super().build_model(args, task)
         for layer in model.modules():

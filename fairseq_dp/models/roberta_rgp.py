@@ -22,6 +22,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerEncoder
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr, safe_hasattr
 
+from ..errors import DPConfigError
 from ..modules import LowRankLinear, LowRankMultiheadAttention
 from .sentence_encoder import (
     SentenceEncoderMixin,
@@ -77,7 +78,7 @@ class RGPTransformerEncoder(TransformerEncoder):
     def build_encoder_layer(self, args):
         cfg = TransformerConfig.from_namespace(args)
         if cfg.checkpoint_activations or cfg.quant_noise.pq > 0:
-            raise ValueError(
+            raise DPConfigError(
                 "roberta_rgp does not support --checkpoint-activations or --quant-noise-pq"
             )
         return RGPTransformerEncoderLayer(cfg, self.args)
@@ -124,11 +125,11 @@ class RobertaRGPModel(SentenceEncoderMixin, RobertaModel):
         base_rgp_architecture(args)
         check_trained_privately(args, task)
         if args.rgp_rank < 1:
-            raise ValueError(f"--rgp-rank must be >= 1, got {args.rgp_rank}")
+            raise DPConfigError(f"--rgp-rank must be >= 1, got {args.rgp_rank}")
         if args.rgp_power_iters < 1:
-            raise ValueError(f"--rgp-power-iters must be >= 1, got {args.rgp_power_iters}")
+            raise DPConfigError(f"--rgp-power-iters must be >= 1, got {args.rgp_power_iters}")
         if args.rgp_carrier_source not in CARRIER_SOURCES:
-            raise ValueError(
+            raise DPConfigError(
                 f"--rgp-carrier-source must be one of {CARRIER_SOURCES}, got {args.rgp_carrier_source!r}"
             )
         from omegaconf import OmegaConf

@@ -13,14 +13,15 @@ about 5 accuracy points more than its first token).
 
 import contextlib
 import logging
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fairseq.models.roberta.hub_interface import RobertaHubInterface
+from fairseq.models.roberta.model import RobertaClassificationHead
 from fairseq.utils import safe_getattr
 
+from ..checkpoint_fit import check_checkpoints_on_load
 from ..errors import DPConfigError
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,11 @@ def sentence_encoder_architecture(args) -> None:
 
 def check_sentence_encoder_args(args) -> None:
     if args.classification_pooling not in POOLING_CHOICES:
-        raise ValueError(
+        raise DPConfigError(
             f"--classification-pooling must be one of {POOLING_CHOICES}, got {args.classification_pooling!r}"
         )
     if not args.layer_norm_eps > 0:
-        raise ValueError(f"--layer-norm-eps must be > 0, got {args.layer_norm_eps}")
+        raise DPConfigError(f"--layer-norm-eps must be > 0, got {args.layer_norm_eps}")
 
 
 def set_layer_norm_eps(model: nn.Module, eps: float) -> None:
@@ -83,23 +84,55 @@ def set_layer_norm_eps(model: nn.Module, eps: float) -> None:
             module.eps = eps
 
 
-def mean_over_tokens(features: torch.Tensor, src_tokens: torch.Tensor, pad: int) -> torch.Tensor:
-    """(B, T, C) states and (B, T) tokens -> (B, 1, C), the mean over each row's
-    non-padding tokens, shaped so that a RoBERTa head's ``features[:, 0, :]``
-    reads the mean."""
-    keep = src_tokens.ne(pad).unsqueeze(-1).to(features.dtype)
+def mean_over_tokens(features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) states and a (B, T) padding mask -> (B, 1, C), the mean over
+    each row's non-padding tokens, shaped so that a RoBERTa head's
+    ``features[:, 0, :]`` reads the mean."""
+    keep = (~padding_mask).unsqueeze(-1).to(features.dtype)
     return ((features * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).unsqueeze(1)
+
+
+# the attribute by which features_only outputs carry their padding mask to a head
+PADDING_MASK_ATTR = "fairseq_dp_padding_mask"
+
+
+class MeanPoolingClassificationHead(RobertaClassificationHead):
+    """fairseq's RoBERTa classification head (same parameters and names) on the
+    mean over the non-padding tokens instead of the first token.
+
+    The pooling lives in the head, not only in the model's forward, because
+    fairseq's ``RobertaHubInterface.predict`` (what ``RobertaModel.from_pretrained``
+    returns) calls ``model(tokens, features_only=True)`` and applies the head to
+    the result itself. The plugin's models attach the padding mask to that
+    result, so the head pools exactly as in training and validation, batched and
+    padded or not."""
+
+    def forward(self, features, padding_mask: Optional[torch.Tensor] = None, **kwargs):
+        if padding_mask is None:
+            padding_mask = getattr(features, PADDING_MASK_ATTR, None)
+        if padding_mask is None:
+            if features.size(1) != 1:
+                raise DPConfigError(
+                    "this classification head reads the mean over the non-padding tokens "
+                    "(--classification-pooling mean) and was given states without their padding "
+                    "mask: use model(tokens, classification_head_name=...), the hub interface's "
+                    "predict, or pass padding_mask=tokens.eq(pad)"
+                )
+            return super().forward(features)  # already one vector per example
+        return super().forward(mean_over_tokens(features, padding_mask))
 
 
 class SentenceEncoderMixin:
     """For a RobertaModel subclass: checks these options, applies
-    ``--layer-norm-eps`` once the encoder is built, and makes ``forward`` (and
-    the hub interface's ``predict``) read ``--classification-pooling``."""
+    ``--layer-norm-eps`` once the encoder is built, gives mean-pooling models
+    :class:`MeanPoolingClassificationHead`, and refuses checkpoints whose encoder
+    has other sizes with a message (:mod:`fairseq_dp.checkpoint_fit`)."""
 
     def __init__(self, args, encoder):
         check_sentence_encoder_args(args)
         super().__init__(args, encoder)
         set_layer_norm_eps(self, args.layer_norm_eps)
+        check_checkpoints_on_load(self)
 
     @classmethod
     def build_model(cls, args, task):
@@ -108,31 +141,32 @@ class SentenceEncoderMixin:
 
     def forward(self, src_tokens, features_only=False, return_all_hiddens=False,
                 classification_head_name=None, **kwargs):
-        if classification_head_name is None or self.args.classification_pooling == "cls":
+        if self.args.classification_pooling == "cls":
             return super().forward(src_tokens, features_only, return_all_hiddens,
                                    classification_head_name, **kwargs)
-        x, extra = self.encoder(src_tokens, True, return_all_hiddens, **kwargs)
-        x = mean_over_tokens(x, src_tokens, self.encoder.dictionary.pad())
-        return self.classification_heads[classification_head_name](x), extra
+        padding_mask = src_tokens.eq(self.encoder.dictionary.pad())
+        if classification_head_name is not None:
+            x, extra = self.encoder(src_tokens, True, return_all_hiddens, **kwargs)
+            return self.classification_heads[classification_head_name](x, padding_mask=padding_mask), extra
+        x, extra = self.encoder(src_tokens, features_only, return_all_hiddens, **kwargs)
+        if features_only:
+            setattr(x, PADDING_MASK_ATTR, padding_mask)
+        return x, extra
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        hub = super().from_pretrained(*args, **kwargs)
-        return PooledRobertaHubInterface(hub.cfg, hub.task, hub.model)
-
-
-class PooledRobertaHubInterface(RobertaHubInterface):
-    """fairseq's hub interface, except that ``predict`` runs the model's own
-    forward: fairseq's applies the head to ``extract_features`` itself, which
-    would read the first token whatever ``--classification-pooling`` says."""
-
-    def predict(self, head: str, tokens: torch.LongTensor, return_logits: bool = False):
-        if tokens.dim() == 1:
-            tokens = tokens.unsqueeze(0)
-        if tokens.size(-1) > self.model.max_positions():
-            raise ValueError(f"tokens exceeds maximum length: {tokens.size(-1)} > {self.model.max_positions()}")
-        logits, _ = self.model(tokens.to(device=self.device), classification_head_name=head)
-        return logits if return_logits else F.log_softmax(logits, dim=-1)
+    def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
+        super().register_classification_head(name, num_classes, inner_dim, **kwargs)
+        if self.args.classification_pooling == "mean":
+            # RobertaModel.register_classification_head's head, pooling differently
+            self.classification_heads[name] = MeanPoolingClassificationHead(
+                input_dim=self.args.encoder_embed_dim,
+                inner_dim=inner_dim or self.args.encoder_embed_dim,
+                num_classes=num_classes,
+                activation_fn=self.args.pooler_activation_fn,
+                pooler_dropout=self.args.pooler_dropout,
+                q_noise=self.args.quant_noise_pq,
+                qn_block_size=self.args.quant_noise_pq_block_size,
+                do_spectral_norm=self.args.spectral_norm_classification_head,
+            )
 
 
 def keep_first_token_pooling_of_old_checkpoint(model_cfg) -> None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import DPConfigError
 from .low_rank_linear import linear_subclass_copy
 
 
@@ -22,7 +23,7 @@ class LoRALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int, alpha: float):
         super().__init__(in_features, out_features, bias=bias)
         if rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+            raise DPConfigError(f"--lora-rank must be >= 1, got {rank}")
         self.rank = rank
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))

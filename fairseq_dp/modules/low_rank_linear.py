@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import DPConfigError
+
 
 class _OutputGradLinear(torch.autograd.Function):
     """``y = x Wᵀ + b`` whose backward forms only the input gradient and hands
@@ -95,7 +97,7 @@ class LowRankLinear(nn.Linear):
     ):
         super().__init__(in_features, out_features, bias=bias)
         if rank < 1 or rank > min(in_features, out_features):
-            raise ValueError(
+            raise DPConfigError(
                 f"--rgp-rank {rank} is invalid for a {out_features}x{in_features} "
                 f"matrix: it must be between 1 and {min(in_features, out_features)}"
             )

@@ -32,6 +32,7 @@ from ..accounting import (
     restore_ledger,
 )
 from ..checkpoint_ledger import read_checkpoint_history, refresh_best_checkpoint_ledgers, restored_checkpoint_path
+from ..checkpoint_fit import check_checkpoints_on_load, check_pretrained_checkpoint
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
 from ..errors import DPConfigError
 from ..models.sentence_encoder import keep_first_token_pooling_of_old_checkpoint
@@ -240,6 +241,17 @@ def check_dp_config(cfg) -> None:
         raise DPConfigError("invalid DP configuration:\n  - " + "\n  - ".join(errors))
 
 
+def check_data_dir(data: str) -> None:
+    """fairseq would fail on the first file it opens, with a traceback."""
+    layout = ("a fairseq sentence-prediction directory has input0/dict.txt and label/dict.txt "
+              "with the binarized splits (fairseq-dp-prepare-glue or fairseq-preprocess write them)")
+    if not data or not os.path.isdir(data):
+        raise DPConfigError(f"data directory {data!r} does not exist; {layout}")
+    missing = [f for f in ("input0/dict.txt", "label/dict.txt") if not os.path.isfile(os.path.join(data, f))]
+    if missing:
+        raise DPConfigError(f"data directory {data!r} has no {' or '.join(missing)}; {layout}")
+
+
 @register_task("dp_sentence_prediction", dataclass=DPSentencePredictionConfig)
 class DPSentencePredictionTask(SentencePredictionTask):
     """Sentence prediction with differentially private training."""
@@ -262,6 +274,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         check_dp_config(cfg)
+        check_data_dir(cfg.data)
         return super().setup_task(cfg, **kwargs)
 
     @property
@@ -542,6 +555,9 @@ class DPSentencePredictionTask(SentencePredictionTask):
         if from_checkpoint:
             keep_first_token_pooling_of_old_checkpoint(cfg)
         model = super().build_model(cfg, from_checkpoint)
+        check_checkpoints_on_load(model)  # fairseq's own archs too
+        if not from_checkpoint:
+            check_pretrained_checkpoint(model, self.cfg)
         keep_ledger_with_weights(model, self.accountant)
         prepare_model_for_dp(unwrap_model(model), self.cfg.dp_freeze)
         self.dp_trainer = self._make_dp_trainer(model)

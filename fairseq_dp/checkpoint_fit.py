@@ -1,0 +1,177 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""A checkpoint whose encoder does not fit the model's architecture.
+
+torch's strict ``load_state_dict`` answers a wrong ``--arch`` (say
+``roberta_rgp_base`` for a converted MiniLM) with one ``size mismatch`` line per
+tensor, hundreds of lines, and fairseq re-raises that as "Cannot load model
+parameters". This check runs first (a ``load_state_dict`` pre-hook on the
+model, torch's public mechanism, so it also covers fairseq's own RoBERTa
+classes) and raises one :class:`DPConfigError` that says what the checkpoint's
+encoder is and which flags rebuild it.
+"""
+
+import logging
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+from fairseq.models import ARCH_MODEL_REGISTRY
+from torch import nn
+
+from .errors import DPConfigError
+
+logger = logging.getLogger(__name__)
+
+ENC = "encoder.sentence_encoder."
+LAYER = re.compile(r"^" + re.escape(ENC) + r"layers\.(\d+)\.")
+# (layers, embedding dim, FFN dim) of the archs the plugin ships sizes for
+KNOWN_SIZES = {(6, 384, 1536): "_minilm", (12, 768, 3072): "_base", (24, 1024, 4096): "_large"}
+HOOKED = "_fairseq_dp_checks_checkpoint_fit"
+
+
+def encoder_sizes(shapes: Dict[str, Tuple[int, ...]], prefix: str = "") -> Optional[dict]:
+    """Layers, dims, vocabulary and position rows of a RoBERTa encoder state."""
+    def shape(name):
+        return shapes.get(prefix + ENC + name)
+
+    embed, fc1 = shape("embed_tokens.weight"), shape("layers.0.fc1.weight")
+    if embed is None or fc1 is None:
+        return None
+    layers = {int(m.group(1)) for k in shapes for m in [LAYER.match(k[len(prefix):])] if k.startswith(prefix) and m}
+    positions = shape("embed_positions.weight")
+    return {
+        "layers": len(layers),
+        "embed_dim": embed[1],
+        "ffn_dim": fc1[0],
+        "vocabulary": embed[0],
+        # fairseq's learned positions keep padding_idx + 1 = 2 extra rows
+        "max_positions": positions[0] - 2 if positions is not None else None,
+    }
+
+
+def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str, lora_rank: Optional[int] = None) -> str:
+    arch = arch or "this model"
+    lines = [f"the checkpoint does not fit --arch {arch} ({example})."]
+    what = (f"Its encoder has {theirs['layers']} layers, embedding dim {theirs['embed_dim']}, "
+            f"FFN dim {theirs['ffn_dim']}")
+    if theirs["max_positions"] is not None:
+        what += f", {theirs['max_positions']} positions"
+    lines.append(what + f" and {theirs['vocabulary']} vocabulary rows; the model has "
+                 f"{ours['layers']}, {ours['embed_dim']}, {ours['ffn_dim']}"
+                 + (f", {ours['max_positions']}" if ours["max_positions"] is not None else "")
+                 + f" and {ours['vocabulary']}.")
+    sizes = (theirs["layers"], theirs["embed_dim"], theirs["ffn_dim"])
+    if sizes != (ours["layers"], ours["embed_dim"], ours["ffn_dim"]):
+        suffix = KNOWN_SIZES.get(sizes)
+        family = re.sub(r"_(base|large|minilm)$", "", arch)
+        flags = (f"--encoder-layers {sizes[0]} --encoder-embed-dim {sizes[1]} "
+                 f"--encoder-ffn-embed-dim {sizes[2]} --encoder-attention-heads H "
+                 "(the checkpoint's number of heads)")
+        if suffix and family + suffix in ARCH_MODEL_REGISTRY:
+            lines.append(f"Use --arch {family + suffix}, or give {flags}.")
+        else:
+            lines.append(f"Give {flags}.")
+    if theirs["max_positions"] is not None and theirs["max_positions"] != ours["max_positions"]:
+        lines.append(f"Set --max-positions {theirs['max_positions']} (or the value it was trained with).")
+    if lora_rank is not None:
+        lines.append(f"Its LoRA adapters have rank {lora_rank}: give --lora-rank {lora_rank}.")
+    if theirs["vocabulary"] != ours["vocabulary"]:
+        lines.append("The vocabulary differs: the data must be binarized with the checkpoint's own "
+                     "dict.txt (fairseq-dp-prepare-glue --dict CHECKPOINT_DIR/dict.txt).")
+    lines.append("A checkpoint written by fairseq-dp-convert lists the flags that rebuild its encoder "
+                 "in convert.json next to model.pt (\"roberta_rgp_flags\" for the plugin's archs, "
+                 "\"fairseq_flags\" for fairseq's roberta).")
+    return "\n".join(lines)
+
+
+def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "", conversion: Optional[dict] = None) -> None:
+    """Raise a DPConfigError if the RoBERTa encoder in ``state_dict`` has other
+    sizes than ``model``'s; anything else is left to torch's strict load."""
+    own = {k: tuple(t.shape) for k, t in list(model.named_parameters()) + list(model.named_buffers())}
+    theirs = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+              if k.startswith(prefix) and hasattr(v, "shape")}
+    mismatched = [k for k in own if k in theirs and theirs[k] != own[k]]
+    ours_sizes, their_sizes = encoder_sizes(own), encoder_sizes(theirs)
+    if their_sizes is None or ours_sizes is None:
+        return
+    if not mismatched and their_sizes == ours_sizes:
+        return
+    if mismatched:
+        k = mismatched[0]
+        example = (f"{len(mismatched)} tensors differ in shape, e.g. {k}: checkpoint "
+                   f"{list(theirs[k])}, model {list(own[k])}")
+    else:
+        example = f"{their_sizes['layers']} layers in the checkpoint, {ours_sizes['layers']} in the model"
+    args = getattr(model, "args", None)
+    arch = getattr(args, "arch", None) or getattr(args, "_name", None)
+    # LoRA's A factor is (rank x in)
+    lora = [k for k in mismatched if k.endswith(".lora_A")]
+    lora_rank = theirs[lora[0]][0] if lora else None
+    message = fit_message(arch, their_sizes, ours_sizes, example, lora_rank)
+    if conversion:
+        # the checkpoint's own record replaces the pointer to convert.json
+        message = message.rsplit("\n", 1)[0]
+        message += ("\nThis checkpoint was converted by fairseq-dp-convert; the flags that rebuild its "
+                    f"encoder: {' '.join(conversion.get('roberta_rgp_flags', []))} (plugin archs), "
+                    f"{' '.join(conversion.get('fairseq_flags', []))} (fairseq's roberta).")
+    raise DPConfigError(message)
+
+
+def check_checkpoints_on_load(model: nn.Module) -> None:
+    """Run :func:`check_checkpoint_fits` before every ``load_state_dict`` of
+    ``model`` (once per model, however often it is called)."""
+    if getattr(model, HOOKED, False):
+        return
+    setattr(model, HOOKED, True)
+
+    def hook(module, state_dict, prefix, *unused):
+        if module is model:
+            check_checkpoint_fits(model, state_dict, prefix)
+
+    model.register_load_state_dict_pre_hook(hook)
+
+
+def pretrained_checkpoint(checkpoint_cfg) -> Optional[str]:
+    """The checkpoint the user named for fairseq_cli.train to start from
+    (``--finetune-from-model`` on a first launch, or ``--restore-file``), as
+    ``checkpoint_utils.load_checkpoint`` chooses it; None when the run resumes
+    its own ``checkpoint_last.pt`` or starts from scratch."""
+    suffix = getattr(checkpoint_cfg, "checkpoint_suffix", "") or ""
+    restore = getattr(checkpoint_cfg, "restore_file", "checkpoint_last.pt")
+    if restore == "checkpoint_last.pt":
+        last = os.path.join(checkpoint_cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        finetune = getattr(checkpoint_cfg, "finetune_from_model", None)
+        if finetune is None or os.path.exists(last) or getattr(checkpoint_cfg, "continue_once", None):
+            return None
+        if not os.path.isfile(finetune):
+            raise DPConfigError(f"--finetune-from-model {finetune}: no such checkpoint file")
+        return finetune
+    return restore.replace(".pt", suffix + ".pt") if suffix else restore
+
+
+def check_pretrained_checkpoint(model: nn.Module, task_cfg) -> None:
+    """Before fairseq loads the checkpoint the user named, check that it fits
+    the model. fairseq's own load does the same check through the pre-hook,
+    but inside a ``try`` that re-raises a plain ``Exception``, which
+    ``fairseq-hydra-train`` prints with a traceback; from here the message
+    reaches every entry point alone, with the file's name."""
+    root = task_cfg._get_root() if hasattr(task_cfg, "_get_root") else None
+    checkpoint_cfg = getattr(root, "checkpoint", None) if root is not None else None
+    if checkpoint_cfg is None:
+        return
+    path = pretrained_checkpoint(checkpoint_cfg)
+    if path is None or not os.path.isfile(path):
+        return  # fairseq then trains from scratch, and says so
+    try:
+        import torch
+
+        state = torch.load(path, map_location="cpu", mmap=True)
+    except Exception as e:  # noqa: BLE001  an early courtesy check: fairseq's own load decides
+        logger.debug(f"checkpoint shapes not checked early ({path}: {e})")
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return
+    try:
+        check_checkpoint_fits(model, state["model"], conversion=state.get("fairseq_dp_conversion"))
+    except DPConfigError as e:
+        raise DPConfigError(f"{path}: {e}") from None
