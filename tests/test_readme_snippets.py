@@ -173,6 +173,9 @@ def test_readme_recipes_run_and_agree(readme, workspace):
                 last = os.path.join(workspace.path, folder, "checkpoint_last.pt")
                 weights.setdefault(folder, []).append(weights_fingerprint(last))
     assert len(weights) >= 4, list(weights)
+    # the shipped Hydra configs run in the working directory and leave no .hydra/
+    assert not os.path.exists(os.path.join(workspace.path, ".hydra"))
+    assert not os.path.exists(os.path.join(workspace.path, "outputs"))
     for folder, runs in weights.items():
         for other in runs[1:]:
             assert other == runs[0], f"the command-line and Hydra recipes writing {folder} train different weights"
