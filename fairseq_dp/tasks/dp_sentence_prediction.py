@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.sentence_prediction import SentencePredictionConfig, SentencePredictionTask
@@ -272,10 +273,58 @@ class DPSentencePredictionTask(SentencePredictionTask):
         self._sampling_seed: Optional[int] = int(cfg.seed) if cfg.dp_insecure_seeded_rng else None
 
     @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        # fairseq's command line gives --total-num-update no default (its
+        # dataclass default is an interpolation of --max-update, which argparse
+        # drops), and its own config conversion then rejects the missing value;
+        # 0 marks it as not given, and complete_lr_schedule fills it in
+        parser.set_defaults(total_num_update=0)
+
+    @classmethod
     def setup_task(cls, cfg, **kwargs):
         check_dp_config(cfg)
         check_data_dir(cfg.data)
-        return super().setup_task(cfg, **kwargs)
+        task = super().setup_task(cfg, **kwargs)
+        task.complete_lr_schedule()
+        return task
+
+    def complete_lr_schedule(self) -> None:
+        """Without --total-num-update, fairseq's ``polynomial_decay`` (linear
+        warm-up, then linear decay) decays over the planned updates.
+
+        Its own default is --max-update, which is 0 (and refused by the
+        scheduler) when --max-epoch limits the run. Under fairseq-hydra-train
+        an unset value has already been resolved to --max-update, so a value
+        equal to it counts as not given too. This runs in ``setup_task``
+        because fairseq builds the scheduler before it loads the training set
+        when it restores a checkpoint.
+        """
+        root = self.cfg._get_root() if hasattr(self.cfg, "_get_root") else None
+        scheduler = getattr(root, "lr_scheduler", None)
+        if scheduler is None or scheduler.get("_name") != "polynomial_decay":
+            return
+        total = scheduler.get("total_num_update")
+        max_update = root.optimization.max_update if "optimization" in root else 0
+        if total is not None and total > 0 and total != max_update:
+            return
+        train = data_utils.load_indexed_dataset(
+            os.path.join(self.cfg.data, "input0", self.cfg.train_subset), self.source_dictionary
+        )
+        if train is None:
+            return  # not a training run (or no training set, which training reports itself)
+        planned = self.planned_updates(len(train))
+        if planned is None:
+            raise DPConfigError(
+                "--lr-scheduler polynomial_decay needs the number of updates to decay over: "
+                "set --max-epoch or --max-update (the plugin then uses the planned updates), "
+                "or --total-num-update"
+            )
+        scheduler.total_num_update = planned
+        logger.info(
+            f"DP: --total-num-update not given: polynomial_decay decays over the planned "
+            f"{planned} updates"
+        )
 
     @property
     def expected_batch_size(self) -> int:
