@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 from fairseq.models import ARCH_MODEL_REGISTRY
 from torch import nn
 
+from .checkpoint_ledger import own_last_checkpoint, restored_checkpoint_path
 from .errors import DPConfigError
 
 logger = logging.getLogger(__name__)
@@ -136,17 +137,11 @@ def pretrained_checkpoint(checkpoint_cfg) -> Optional[str]:
     (``--finetune-from-model`` on a first launch, or ``--restore-file``), as
     ``checkpoint_utils.load_checkpoint`` chooses it; None when the run resumes
     its own ``checkpoint_last.pt`` or starts from scratch."""
-    suffix = getattr(checkpoint_cfg, "checkpoint_suffix", "") or ""
-    restore = getattr(checkpoint_cfg, "restore_file", "checkpoint_last.pt")
-    if restore == "checkpoint_last.pt":
-        last = os.path.join(checkpoint_cfg.save_dir, f"checkpoint_last{suffix}.pt")
-        finetune = getattr(checkpoint_cfg, "finetune_from_model", None)
-        if finetune is None or os.path.exists(last) or getattr(checkpoint_cfg, "continue_once", None):
-            return None
-        if not os.path.isfile(finetune):
-            raise DPConfigError(f"--finetune-from-model {finetune}: no such checkpoint file")
-        return finetune
-    return restore.replace(".pt", suffix + ".pt") if suffix else restore
+    finetune = getattr(checkpoint_cfg, "finetune_from_model", None)
+    if finetune is not None and not os.path.isfile(finetune) and restored_checkpoint_path(checkpoint_cfg) is None:
+        raise DPConfigError(f"--finetune-from-model {finetune}: no such checkpoint file")
+    path = restored_checkpoint_path(checkpoint_cfg)
+    return None if path == own_last_checkpoint(checkpoint_cfg) else path
 
 
 def check_pretrained_checkpoint(model: nn.Module, task_cfg) -> None:

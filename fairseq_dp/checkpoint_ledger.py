@@ -29,13 +29,18 @@ logger = logging.getLogger(__name__)
 TOP_LEVEL_KEY = "dp_ledger"
 
 
+def own_last_checkpoint(checkpoint_cfg) -> str:
+    suffix = getattr(checkpoint_cfg, "checkpoint_suffix", "") or ""
+    return os.path.join(checkpoint_cfg.save_dir, f"checkpoint_last{suffix}.pt")
+
+
 def restored_checkpoint_path(checkpoint_cfg) -> Optional[str]:
     """The file fairseq's ``checkpoint_utils.load_checkpoint`` restores for
     this configuration (its own rule), if that file exists."""
     suffix = getattr(checkpoint_cfg, "checkpoint_suffix", "") or ""
-    restore = checkpoint_cfg.restore_file
+    restore = getattr(checkpoint_cfg, "restore_file", "checkpoint_last.pt")
     if restore == "checkpoint_last.pt":
-        path = os.path.join(checkpoint_cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        path = own_last_checkpoint(checkpoint_cfg)
         if not os.path.exists(path):
             if getattr(checkpoint_cfg, "continue_once", None) is not None:
                 path = checkpoint_cfg.continue_once

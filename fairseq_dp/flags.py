@@ -29,7 +29,7 @@ METRICS = {
     "dp_epsilon": (
         "privacy spent so far: the ε of the (ε, δ = --dp-delta) guarantee after every update "
         "taken, counting the updates in the privacy ledger saved with the weights (a resumed or "
-        "continued run starts from it). Shown in the train log lines and epoch summaries."
+        "continued run starts from it). Shown in the train and validation log lines and epoch summaries."
     ),
     "dp_sigma": (
         "the noise multiplier σ in use: the clipped sum gets N(0, σ²C²) noise once per logical "
@@ -41,6 +41,11 @@ METRICS = {
         "clip norms (the update is then mostly the direction of each gradient); near 0 means C is "
         "larger than the gradients, so the noise σC is larger than it needs to be. It is computed "
         "from the private examples and logged without noise."
+    ),
+    "dp_rng": (
+        "only in runs with --dp-insecure-seeded-rng, on every train and validation line: "
+        "'seeded-INSECURE'. Their noise and samples are functions of --seed, which every "
+        "checkpoint stores, so their ε holds only against someone who does not know the seed."
     ),
 }
 

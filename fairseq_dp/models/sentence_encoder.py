@@ -27,7 +27,7 @@ from ..errors import DPConfigError
 logger = logging.getLogger(__name__)
 
 POOLING_CHOICES = ("cls", "mean")
-SENTENCE_ENCODER_DEFAULTS = {"classification_pooling": "cls", "layer_norm_eps": 1e-5}
+SENTENCE_ENCODER_DEFAULTS = {"classification_pooling": "cls", "layer_norm_eps": 1e-5, "non_private_baseline": False}
 
 
 def add_sentence_encoder_args(parser) -> None:

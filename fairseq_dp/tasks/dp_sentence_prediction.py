@@ -791,3 +791,5 @@ class DPSentencePredictionTask(SentencePredictionTask):
         # next to the validation metric, computed once
         if self.noise_multiplier is not None:
             stats["dp_epsilon"] = round(self.accountant.get_epsilon(self.cfg.dp_delta), 4)
+            if self.cfg.dp_insecure_seeded_rng:
+                stats["dp_rng"] = "seeded-INSECURE"
