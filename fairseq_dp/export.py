@@ -25,6 +25,8 @@ this), and the plugin's other archs need the plugin to load.
 import argparse
 import dataclasses
 import logging
+import os
+import pickle
 from typing import Any, Dict
 
 import torch
@@ -63,6 +65,20 @@ def use_stock_task(state: Dict[str, Any]) -> None:
     cfg["task"] = stock
 
 
+def read_checkpoint(src: str, dst: str) -> Dict[str, Any]:
+    """The checkpoint at ``src``, after checking that ``dst`` can be written."""
+    import fairseq_dp  # noqa: F401  (lets torch.load read fairseq's pickled config)
+
+    if not os.path.isfile(src):
+        raise DPConfigError(f"{src}: no such checkpoint file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        raise DPConfigError(f"{dst}: its directory does not exist")
+    try:
+        return torch.load(src, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise DPConfigError(f"{src} is not a fairseq checkpoint ({e})") from e
+
+
 def model_arch(state: Dict[str, Any]) -> str:
     model_cfg = state["cfg"]["model"] if state.get("cfg") is not None else state["args"]
     get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)
@@ -70,10 +86,9 @@ def model_arch(state: Dict[str, Any]) -> str:
 
 
 def export_checkpoint(src: str, dst: str) -> None:
-    import fairseq_dp  # noqa: F401  (lets torch.load read fairseq's pickled config)
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    state = torch.load(src, map_location="cpu")
+    state = read_checkpoint(src, dst)
     arch = model_arch(state)
     model_class = ARCH_MODEL_REGISTRY.get(arch)
     if model_class is None or model_class.__module__.startswith("fairseq_dp"):
@@ -95,10 +110,7 @@ def main(argv=None):
     parser.add_argument("output", help="where to write the checkpoint for stock fairseq")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        export_checkpoint(args.checkpoint, args.output)
-    except (DPConfigError, FileNotFoundError) as e:
-        parser.exit(2, f"fairseq-dp-export: error: {e}\n")
+    export_checkpoint(args.checkpoint, args.output)  # a DPConfigError prints as a message (errors.py)
 
 
 if __name__ == "__main__":

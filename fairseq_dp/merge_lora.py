@@ -22,14 +22,12 @@ checkpoint (classification heads, the DP task's options under ``dp_task``) is ke
 
 import argparse
 import logging
-import os
-import pickle
 from typing import Dict
 
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from .export import move_ledger_to_top_level, use_stock_task
+from .export import move_ledger_to_top_level, read_checkpoint, use_stock_task
 from .errors import DPConfigError
 from .models.roberta_lora import PLAIN_ARCH, POOLED_ARCH
 
@@ -55,16 +53,7 @@ def _model_cfg(state):
 
 
 def merge_lora_checkpoint(src: str, dst: str) -> None:
-    import fairseq_dp  # noqa: F401  (lets torch.load read fairseq's pickled config)
-
-    if not os.path.isfile(src):
-        raise DPConfigError(f"{src}: no such checkpoint file")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-        raise DPConfigError(f"{dst}: its directory does not exist")
-    try:
-        state = torch.load(src, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError) as e:
-        raise DPConfigError(f"{src} is not a fairseq checkpoint ({e})") from e
+    state = read_checkpoint(src, dst)
     model_cfg = _model_cfg(state)
     # fairseq-train saves a Namespace or a DictConfig, fairseq-hydra-train a dict
     get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)

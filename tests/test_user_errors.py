@@ -165,6 +165,7 @@ def test_hydra_train_refused_configuration(data, tmp_path):
     (["-m", "fairseq_dp.prepare_glue", "no_such_glue", "out", "--dict", "dict.txt", "--tokenizer", "minilm"],
      "no_such_glue: no such directory"),
     (["-m", "fairseq_dp.merge_lora", "no_such.pt", "merged.pt"], "no_such.pt: no such checkpoint file"),
+    (["-m", "fairseq_dp.export", "no_such.pt", "exported.pt"], "no_such.pt: no such checkpoint file"),
 ])
 def test_plugin_commands_usage_mistakes(tmp_path, argv, message):
     rc, out = run([sys.executable, *argv], tmp_path)
