@@ -180,7 +180,9 @@ def plugin_help() -> str:
 
 def _is_fairseq_cli(argv0: str) -> bool:
     name = os.path.basename(argv0)
-    return name.startswith("fairseq-") or os.path.basename(os.path.dirname(argv0)) == "fairseq_cli"
+    # fairseq's own commands, not the plugin's (fairseq-dp-*), whose --help is their own
+    return (name.startswith("fairseq-") and not name.startswith("fairseq-dp-")) or \
+        os.path.basename(os.path.dirname(argv0)) == "fairseq_cli"
 
 
 def show_after_fairseq_help() -> None:

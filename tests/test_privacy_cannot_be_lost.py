@@ -362,3 +362,13 @@ def test_exported_and_merged_checkpoints_load_in_fairseq_without_the_plugin(data
             expected, _ = models[0](tokens, classification_head_name="sentence_classification_head")
         torch.testing.assert_close(stock[name], expected, atol=1e-5, rtol=1e-5)
         assert "dp_ledger" in torch.load(tmp_path / name, weights_only=False)
+
+
+def test_relaunching_a_finished_run_spends_nothing(data, tmp_path, caplog):
+    """fairseq's loop takes one update before it checks --max-update: each
+    relaunch of a finished run would spend privacy beyond the plan."""
+    argv = train_args(data, "--max-update", "2", "--save-dir", str(tmp_path), *LOG)
+    run_main(argv, caplog)
+    with pytest.raises(DPConfigError, match="already taken its --max-update 2 updates"):
+        run_main(argv, caplog)
+    assert ledger_of(tmp_path / "checkpoint_last.pt") == [(1.0, Q, 2)]

@@ -480,6 +480,14 @@ class DPSentencePredictionTask(SentencePredictionTask):
         updates still planned after fairseq's ``update_num``), log the plan,
         and set the budget."""
         self._started = True
+        if self.cfg.max_update > 0 and update_num >= self.cfg.max_update:
+            # fairseq's loop takes one update before it checks --max-update:
+            # relaunching a finished run would spend privacy on every relaunch
+            raise DPConfigError(
+                f"DP: this run has already taken its --max-update {self.cfg.max_update} updates "
+                f"(the restored checkpoint is at update {update_num}); fairseq would take one more, "
+                "spending privacy beyond the plan. Raise --max-update to train further"
+            )
         delta = self.cfg.dp_delta
         if self.accountant.steps > 0 and self.accountant.delta is not None and delta > self.accountant.delta:
             raise DPConfigError(
@@ -576,7 +584,7 @@ class DPSentencePredictionTask(SentencePredictionTask):
                 sample_rate=self.sample_rate, num_steps=allowed,
             )
             logger.info(
-                f"DP: --dp-max-epsilon {max_eps}: the budget allows {allowed} more updates "
+                f"DP: --dp-max-epsilon {max_eps}: the budget allows {allowed} more update{'s' if allowed != 1 else ''} "
                 f"(ε = {eps_last:.4g} after them); training stops there"
             )
 
