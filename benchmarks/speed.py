@@ -222,21 +222,23 @@ def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bo
         extras: Dict[str, float] = {}
 
         def time_power_iteration(dp_trainer):
-            """Instrumentation of our own DP trainer object, for the power-iteration
-            share; looked up at every update since the task may build a new one."""
-            if dp_trainer is None or not dp_trainer.low_rank or hasattr(dp_trainer, "_bench_timed"):
+            """Instrumentation of our own DP trainer's carrier schedule, for the
+            power-iteration share; looked up at every update since the task
+            builds its trainer at the first update (and may build a new one)."""
+            carriers = getattr(dp_trainer, "carriers", None)
+            if carriers is None or not carriers.modules or hasattr(carriers, "_bench_timed"):
                 return
-            compute_carriers = dp_trainer.compute_carriers
+            compute = carriers.compute
 
-            def timed_compute_carriers(update_num):
+            def timed_compute(update_num):
                 _synchronize(device)
                 start = time.perf_counter()
-                compute_carriers(update_num)
+                compute(update_num)
                 _synchronize(device)
                 extras["power_iteration_seconds"] = time.perf_counter() - start
 
-            dp_trainer.compute_carriers = timed_compute_carriers
-            dp_trainer._bench_timed = True
+            carriers.compute = timed_compute
+            carriers._bench_timed = True
 
         def step():
             extras.clear()

@@ -14,9 +14,9 @@ from typing import List, Optional
 
 import torch.nn as nn
 from fairseq.models.roberta import RobertaModel
-from fairseq.models.transformer import TransformerEncoder
+from fairseq.models.transformer import TransformerDecoderBase as TransformerDecoder, TransformerEncoder
 from fairseq.modules import MultiheadAttention
-from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from .errors import DPConfigError
 
@@ -78,10 +78,10 @@ def set_batch_dims(model: nn.Module) -> None:
     time-major (T, B, C); embeddings, the embedding LayerNorm and the heads
     batch-major, the rules' default."""
     for module in model.modules():
-        if isinstance(module, TransformerEncoderLayerBase):
+        if isinstance(module, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
             for sub in module.modules():
                 sub.dp_batch_dim = 1
-        if isinstance(module, TransformerEncoder) and module.layer_norm is not None:
+        if isinstance(module, (TransformerEncoder, TransformerDecoder)) and module.layer_norm is not None:
             module.layer_norm.dp_batch_dim = 1
 
 

@@ -70,3 +70,31 @@ def each_example(task, samples):
     for sample in samples:
         for i in range(sample["nsentences"]):
             yield dataset.collater([dataset[int(sample["id"][i])]])
+
+
+# ---------------------------------------------------------------- language modeling
+LM_SIZES = [
+    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "48",
+    "--decoder-attention-heads", "4",
+]
+# GPT-2's shape: learned positions, no embedding scale, tanh GELU, pre-LayerNorm
+GPT2_SHAPE = ["--decoder-learned-pos", "--no-scale-embedding", "--activation-fn", "gelu_accurate",
+              "--decoder-normalize-before"]
+TINY_LM = ["--arch", "transformer_lm", *LM_SIZES, *GPT2_SHAPE]
+
+
+def lm_data_dir(tmp_path_factory, n_train=128, n_valid=32, prompts=True, name="lmdata"):
+    from fairseq_dp.data.synthetic import make_synthetic_lm_dataset
+
+    path = tmp_path_factory.mktemp(name)
+    return make_synthetic_lm_dataset(str(path), n_train=n_train, n_valid=n_valid, prompts=prompts)
+
+
+def lm_train_args(data, *extra, model=TINY_LM, noise=("--dp-noise-multiplier", "1.0")):
+    return [
+        data, "--user-dir", PLUGIN_DIR, "--cpu", "--task", "dp_language_modeling",
+        "--criterion", "dp_language_modeling", "--tokens-per-sample", "32", *model,
+        "--optimizer", "adam", "--lr", "1e-3", "--lr-scheduler", "fixed", "--batch-size", "8",
+        "--seed", "1", "--num-workers", "0", "--dp-clip-norm", "1.0", "--dp-delta", "1e-3",
+        *noise, *extra,
+    ]

@@ -9,6 +9,7 @@ import torch
 from fairseq.logging import metrics
 from fairseq.trainer import Trainer
 
+from fairseq_dp.carriers import CarrierSchedule
 from fairseq_dp.modules import LowRankLinear
 
 from helpers import batch, build, data_dir, each_example, task_step_grads, train_args
@@ -98,8 +99,9 @@ def run_update(cfg, task, model, criterion, samples):
 
 def median_clip(task, criterion, samples, dtype=torch.float64):
     """A clip norm between the per-example norms: some clipped, some not."""
-    task.dp_trainer.compute_carriers(0)
-    model = task.dp_trainer.model
+    model = task.recorder.model
+    CarrierSchedule(task.recorder.low_rank, seed=task.cfg.seed,
+                    power_iters=model.args.rgp_power_iters).compute(0)
     carriers = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in carriers_of(model).items()}
     _, norms = oracle_update(copy.deepcopy(model).to(dtype), criterion, task, samples, carriers, 1.0)
     return norms.median().item()
@@ -111,7 +113,7 @@ def test_train_step_matches_per_example_loop_float64(data, rank, pooling):
                                        extra=("--classification-pooling", pooling))
     samples = [batch(task, size=B_MICRO, start=0), batch(task, size=B_MICRO, start=B_MICRO)]
     clip = median_clip(task, criterion, samples)
-    task.dp_trainer.clip_norm = clip
+    task.cfg.dp_clip_norm = clip  # fixed when the first update starts
     model0 = copy.deepcopy(model)
     got = task_step_grads(task, model, criterion, samples)
     expected, norms = oracle_update(model0, criterion, task, samples, carriers_of(model), clip)
@@ -127,7 +129,7 @@ def test_fairseq_trainer_update_matches_per_example_loop(data):
     cfg, task, model, criterion = make(data, sigma=0.0, rank=2, dtype=torch.float32)
     samples = [batch(task, size=B_MICRO, start=0), batch(task, size=B_MICRO, start=B_MICRO)]
     clip = median_clip(task, criterion, samples)
-    task.dp_trainer.clip_norm = clip
+    task.cfg.dp_clip_norm = clip  # fixed when the first update starts
     model0, log, carriers = run_update(cfg, task, model, criterion, samples)
     carriers64 = {k: (a.double(), b.double()) for k, (a, b) in carriers.items()}
     expected, _ = oracle_update(model0.double(), criterion, task, samples, carriers64, clip)

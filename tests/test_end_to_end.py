@@ -199,13 +199,12 @@ def test_bad_input_stops_fairseq_train_before_the_first_update(data, tmp_path, c
 
 
 def test_trainable_layer_without_a_rule_is_refused(data):
-    from fairseq_dp.trainer import DPTrainer
+    from fairseq_dp.recording import Recorder
 
     _, task, model, _ = build(train_args(data))
     model.encoder.lm_head.bias.requires_grad_(True)
     with pytest.raises(ValueError, match="have none: encoder.lm_head.bias"):
-        DPTrainer(model, accountant=task.accountant, clip_norm=1.0, noise_multiplier=1.0,
-                  expected_batch_size=8, sample_rate=0.1)
+        Recorder(model)
 
 
 def test_parameter_unfrozen_after_build_is_checked_again(data):
@@ -213,12 +212,12 @@ def test_parameter_unfrozen_after_build_is_checked_again(data):
     trainer (fairseq's load_checkpoint_heads does this) must not train
     silently without per-example clipping."""
     _, task, model, criterion = build(train_args(data))
-    first = task.dp_trainer
+    first = task.recorder
     norm = model.encoder.sentence_encoder.layers[0].final_layer_norm
     norm.weight.requires_grad_(True)
     task.train_step(batch(task), model, criterion, None, 0)
-    assert task.dp_trainer is not first
-    assert any(m is norm for _, m, _ in task.dp_trainer.tracked)
+    assert task.recorder is not first
+    assert any(m is norm for _, m, _ in task.recorder.tracked)
     assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
     # one that no rule covers stops the step
     model.encoder.lm_head.bias.requires_grad_(True)

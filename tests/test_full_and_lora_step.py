@@ -24,7 +24,7 @@ from fairseq_dp.accounting import PrivacyAccountant
 from fairseq_dp.merge_lora import main as merge_lora_main
 from fairseq_dp.merge_lora import merge_lora_checkpoint
 from fairseq_dp.modules import LoRALinear
-from fairseq_dp.trainer import DPTrainer
+from fairseq_dp.recording import Recorder
 
 from helpers import batch, build, data_dir, each_example, parse, task_step_grads, train_args
 
@@ -99,7 +99,7 @@ def step_and_oracle(task, model, criterion):
     clips about half the examples: (got, expected, per-example norms, clip)."""
     samples = samples_of(task)
     clip = median_clip(model, criterion, task, samples)
-    task.dp_trainer.clip_norm = clip
+    task.cfg.dp_clip_norm = clip  # fixed when the first update starts
     model0 = copy.deepcopy(model)
     got = task_step_grads(task, model, criterion, samples)
     expected, norms = oracle_update(model0, criterion, task, samples, clip)
@@ -158,7 +158,7 @@ def test_every_trainable_projection_is_seen(data, model_args):
     takes the path that calls them, every one is tracked, and a forward that
     skipped one stops the step."""
     _, task, model, criterion = make(data, model_args)
-    tracked = {name for name, _, _ in task.dp_trainer.tracked}
+    tracked = {name for name, _, _ in task.recorder.tracked}
     for i in range(2):
         for proj in PROJECTIONS:
             assert f"encoder.sentence_encoder.layers.{i}.{proj}" in tracked
@@ -179,20 +179,19 @@ def test_lm_head_is_frozen_and_its_tied_weight_guarded(data):
     assert not any(p.requires_grad for n, p in head.named_parameters() if n != "weight")
     features = torch.zeros(2, 32, dtype=torch.float64)
     head(features)  # outside a DP step: allowed
-    task.dp_trainer._recording = True
+    task.recorder.recording = True
     try:
         with pytest.raises(RuntimeError, match="tied"):
             head(features)
     finally:
-        task.dp_trainer._recording = False
+        task.recorder.recording = False
 
 
 def test_parameter_shared_by_two_tracked_modules_is_refused():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     model[1].weight = model[0].weight
     with pytest.raises(ValueError, match="tied trainable parameter 0.weight and 1.weight"):
-        DPTrainer(model, accountant=PrivacyAccountant("rdp"), clip_norm=1.0, noise_multiplier=1.0,
-                  expected_batch_size=8, sample_rate=0.1)
+        Recorder(model)
 
 
 def test_full_finetuning_through_fairseq_trainer_float32(data):
@@ -201,7 +200,7 @@ def test_full_finetuning_through_fairseq_trainer_float32(data):
     cfg, task, model, criterion = make(data, FULL, dtype=torch.float32)
     samples = samples_of(task)
     clip = median_clip(copy.deepcopy(model).double(), criterion, task, samples)
-    task.dp_trainer.clip_norm = clip
+    task.cfg.dp_clip_norm = clip  # fixed when the first update starts
     model0 = copy.deepcopy(model)
     trainer = Trainer(cfg, task, model, criterion)
     with metrics.aggregate(new_root=True) as agg:

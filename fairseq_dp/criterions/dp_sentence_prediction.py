@@ -9,13 +9,8 @@ from fairseq.criterions.sentence_prediction import (
     SentencePredictionConfig,
     SentencePredictionCriterion,
 )
-from fairseq.logging import metrics
-from fairseq.logging.meters import MetersDict
 
-from ..errors import DPConfigError
-
-# fairseq_cli.train's aggregators for the train log lines and the epoch summary
-EPSILON_AGGREGATORS = ("train_inner", "train")
+from .privacy_report import EPSILON_AGGREGATORS, PrivacyReportMixin  # noqa: F401
 
 
 @dataclass
@@ -24,41 +19,9 @@ class DPSentencePredictionCriterionConfig(SentencePredictionConfig):
 
 
 @register_criterion("dp_sentence_prediction", dataclass=DPSentencePredictionCriterionConfig)
-class DPSentencePredictionCriterion(SentencePredictionCriterion):
-    def __init__(self, cfg: DPSentencePredictionCriterionConfig, task):
-        if not hasattr(task, "accountant"):
-            # under fairseq's own sentence_prediction task nothing would clip
-            # or add noise: the run would train without privacy
-            raise DPConfigError(
-                f"--criterion dp_sentence_prediction trains privately only under --task "
-                f"dp_sentence_prediction (got --task {getattr(task.cfg, '_name', type(task).__name__)}); "
-                "for a non-private baseline use --criterion sentence_prediction"
-            )
+class DPSentencePredictionCriterion(PrivacyReportMixin, SentencePredictionCriterion):
+    non_private_criterion = "sentence_prediction"
+
+    def __init__(self, cfg, task):
+        self.start_privacy_report(cfg, task)
         super().__init__(cfg, task)
-        self.dp_task = task
-
-    def epsilon(self) -> float:
-        """ε spent so far at the task's δ."""
-        return self.dp_task.accountant.get_epsilon(self.dp_task.cfg.dp_delta)
-
-    def report_privacy(self, logging_outputs) -> None:
-        # A derived meter is read when its line is printed, so it shows the ε
-        # after the last update. It goes only into the aggregators that print
-        # train lines: fairseq also reads a throw-away aggregator after every
-        # update, and a PRV evaluation (about 0.5 s) there would slow training.
-        seeded = bool(self.dp_task.cfg.dp_insecure_seeded_rng)
-        for name in EPSILON_AGGREGATORS:
-            meters = metrics.get_meters(name)
-            if meters is not None and "dp_epsilon" not in meters:
-                meters.add_meter(
-                    "dp_epsilon", MetersDict._DerivedMeter(lambda _: round(self.epsilon(), 4)), 900
-                )
-            if seeded and meters is not None and "dp_rng" not in meters:
-                # every line of such a run says that its ε assumes a secret seed
-                meters.add_meter("dp_rng", MetersDict._DerivedMeter(lambda _: "seeded-INSECURE"), 905)
-        # weight 0: the meter shows the last value instead of an average
-        metrics.log_scalar("dp_sigma", self.dp_task.noise_multiplier, weight=0, priority=910, round=4)
-        nclipped = sum(log.get("dp_nclipped", 0) for log in logging_outputs)
-        nsentences = sum(log.get("nsentences", 0) for log in logging_outputs)
-        if nsentences > 0:
-            metrics.log_scalar("dp_clipped", nclipped / nsentences, nsentences, priority=920, round=3)

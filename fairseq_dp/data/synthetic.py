@@ -149,3 +149,42 @@ def write_sentiment_tsv(out_dir: str, n_train: int, n_dev: int, seed: int = 0, l
                     label = 1 - label
                 f.write(f"{sentence}\t{label}\n")
     return out_dir
+
+
+def make_synthetic_lm_dataset(out_dir: str, n_train: int = 256, n_valid: int = 64, prompts: bool = True,
+                              seed: int = 0) -> str:
+    """A small private-language-modeling directory in ``fairseq-dp-prepare-lm``'s
+    layout (``dict.txt``, ``{split}.bin/.idx``, ``{split}.loss_start.npy``).
+
+    With ``prompts``, each example is a (prompt, target) pair whose target is
+    the prompt's words reversed followed by a cue word of the prompt's first
+    word's parity (learnable from the prompt alone); without, each example is
+    one line of two to twelve words."""
+    import numpy as np
+    import torch
+    from fairseq.data import Dictionary, indexed_dataset
+
+    rng = random.Random(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    write_dictionary(os.path.join(out_dir, "dict.txt"))
+    dictionary = Dictionary.load(os.path.join(out_dir, "dict.txt"))
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        prefix = os.path.join(out_dir, split)
+        builder = indexed_dataset.make_builder(prefix + ".bin", impl="mmap", vocab_size=len(dictionary))
+        loss_start = []
+        for _ in range(n):
+            if prompts:
+                prompt = rng.choices(NEUTRAL, k=rng.randint(1, 6))
+                cue = POSITIVE[0] if NEUTRAL.index(prompt[0]) % 2 else NEGATIVE[0]
+                target = list(reversed(prompt)) + [cue]
+                ids = [dictionary.index(w) for w in prompt] + [dictionary.eos()]
+                loss_start.append(len(ids))
+                ids += [dictionary.index(w) for w in target] + [dictionary.eos()]
+            else:
+                ids = [dictionary.index(w) for w in rng.choices(NEUTRAL, k=rng.randint(2, 12))]
+                ids.append(dictionary.eos())
+                loss_start.append(0)
+            builder.add_item(torch.IntTensor(ids))
+        builder.finalize(prefix + ".idx")
+        np.save(prefix + ".loss_start.npy", np.asarray(loss_start, dtype=np.int64))
+    return out_dir

@@ -1,4 +1,5 @@
-from .low_rank_linear import LowRankLinear, orthonormalize, power_iteration  # noqa
+from ..carriers import orthonormalize, power_iteration  # noqa
+from .low_rank_linear import LowRankLinear  # noqa
 from .low_rank_attention import LowRankMultiheadAttention  # noqa
 from .lora_linear import LoRALinear  # noqa
 

@@ -1,0 +1,61 @@
+# Copyright (c) fairseq_dp contributors. MIT license.
+"""Per-example clipping: one flat L2 norm per example over every privatized
+gradient, clip factors ``min(1, C / (‖g_i‖ + 1e-6))``, and the clipped sum.
+
+The per-example gradients themselves come from the registered rules
+(``fairseq_dp.grad_sample``), one per module type, fed by what
+:class:`~fairseq_dp.recording.Recorder` recorded of one forward: each tracked
+module's input and output gradient. ``ghost`` lets a rule give the norms
+without materializing per-example gradients where that is cheaper and form
+the clipped sum with the factors folded in (book-keeping); ``materialize``
+is the reference path. Both give the same update.
+"""
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from .grad_sample import find_grad_sampler
+
+# numerical floor of the clip factor's denominator, as in opacus
+CLIP_STABILITY = 1e-6
+CLIPPING_MODES = ("ghost", "materialize")
+
+
+def clip_factors(norms: Tensor, clip_norm: float) -> Tensor:
+    return (clip_norm / (norms + CLIP_STABILITY)).clamp(max=1.0)
+
+
+def clipped_sums(records: List[list], name_of: Dict[int, str], clip_norm: float, *, ghost: bool,
+                 like: Tensor) -> Tuple[Dict[str, Dict[str, Tensor]], int]:
+    """The clipped sum of every tracked module's per-example gradients, by
+    module name, and how many examples were clipped.
+
+    ``records``: ``[module, input, output gradient]`` of one forward and
+    backward; ``name_of``: module id -> name; ``like``: a tensor whose dtype
+    and device the norms take (the loss)."""
+    batch_size = None
+    norms_sq = 0.0
+    partial: List[Tuple[str, Callable[[Tensor], Dict[str, Tensor]]]] = []
+    for module, activation, grad_out in records:
+        sampler = find_grad_sampler(module)
+        name = name_of[id(module)]
+        size = activation.shape[sampler.batch_dim(module)]
+        if batch_size is not None and size != batch_size:
+            raise RuntimeError(
+                f"DP training: module '{name}' sees a batch of {size} along dimension "
+                f"{sampler.batch_dim(module)}, other modules {batch_size}; its batch "
+                "dimension (dp_batch_dim) is wrong"
+            )
+        batch_size = size
+        if grad_out is None:  # the loss does not depend on this module
+            partial.append((name, lambda factors, s=sampler, m=module: s.zero_sum(m)))
+            continue
+        n_sq, clipped_sum = sampler.norms_and_sum(module, activation, grad_out, ghost=ghost)
+        norms_sq = norms_sq + n_sq
+        partial.append((name, clipped_sum))
+    norms = torch.sqrt(torch.as_tensor(norms_sq, dtype=like.dtype, device=like.device))
+    factors = clip_factors(norms, clip_norm)
+    summed = {name: clipped_sum(factors) for name, clipped_sum in partial}
+    return summed, int((factors < 1.0).sum().item())
