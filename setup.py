@@ -55,6 +55,7 @@ setup(
         "console_scripts": [
             "fairseq-dp-convert = fairseq_dp.convert:main",
             "fairseq-dp-prepare-glue = fairseq_dp.prepare_glue:main",
+            "fairseq-dp-prepare-lm = fairseq_dp.prepare_lm:main",
             "fairseq-dp-export = fairseq_dp.export:main",
             "fairseq-dp-plan = fairseq_dp.plan:main",
             "fairseq-dp-report = fairseq_dp.report:main",
