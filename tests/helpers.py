@@ -75,7 +75,7 @@ def each_example(task, samples):
 # ---------------------------------------------------------------- language modeling
 LM_SIZES = [
     "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "48",
-    "--decoder-attention-heads", "4",
+    "--decoder-attention-heads", "4", "--decoder-input-dim", "32", "--decoder-output-dim", "32",
 ]
 # GPT-2's shape: learned positions, no embedding scale, tanh GELU, pre-LayerNorm
 GPT2_SHAPE = ["--decoder-learned-pos", "--no-scale-embedding", "--activation-fn", "gelu_accurate",

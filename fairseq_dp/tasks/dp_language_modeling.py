@@ -85,6 +85,16 @@ class DPLanguageModelingTask(DPTaskMixin, LanguageModelingTask):
         return {"tokens_per_sample": self.cfg.tokens_per_sample, "shorten_method": str(self.cfg.shorten_method)}
 
     def check_model_cfg(self, cfg, from_checkpoint: bool) -> None:
+        embed = getattr(cfg, "decoder_embed_dim", None)
+        dims = {f: getattr(cfg, f, None) for f in ("decoder_input_dim", "decoder_output_dim")}
+        if not from_checkpoint and embed not in (None, 512) and all(v == 512 for v in dims.values()):
+            # fairseq's command line fills both with 512 whatever the embedding
+            # size, which adds two projections GPT-2 does not have
+            logger.warning(
+                f"--decoder-input-dim and --decoder-output-dim are 512 while --decoder-embed-dim is "
+                f"{embed}: the model gets projections between them (fairseq's command-line default). "
+                f"For GPT-2's shape pass --decoder-input-dim {embed} --decoder-output-dim {embed}"
+            )
         if self.cfg.untie_output_embedding and getattr(cfg, "share_decoder_input_output_embed", False):
             if OmegaConf.is_config(cfg):
                 with open_dict(cfg):
