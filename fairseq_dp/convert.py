@@ -470,9 +470,9 @@ def gpt2_bpe_sources(hf_dir: str, encoder_json: Optional[str], vocab_bpe: Option
     return encoder_json, vocab_bpe, "GPT-2's (fairseq_dp.gpt2_bpe)"
 
 
-def copy_gpt2_bpe(encoder_json: str, vocab_bpe: str, out_dir: str) -> Tuple[str, str]:
-    """Copies the BPE files next to ``model.pt`` as ``encoder.json`` and
-    ``vocab.bpe`` after checking that they are in the dictionary's order."""
+def read_gpt2_bpe(encoder_json: str, vocab_bpe: str) -> Tuple[dict, str]:
+    """The contents of the BPE files, after checking that the encoder is in
+    the dictionary's order (GPT-2 ids 0..50256, ``<|endoftext|>`` last)."""
     try:
         with open(encoder_json, encoding="utf-8") as f:
             encoder = json.load(f)
@@ -490,6 +490,11 @@ def copy_gpt2_bpe(encoder_json: str, vocab_bpe: str, out_dir: str) -> Tuple[str,
         raise DPConfigError(f"{vocab_bpe} is not a GPT-2 vocab.bpe (it does not start with '#version')")
     if not merges.endswith("\n"):
         merges += "\n"  # fairseq's reader drops the last line, expecting it empty
+    return encoder, merges
+
+
+def write_gpt2_bpe(encoder: dict, merges: str, out_dir: str) -> Tuple[str, str]:
+    """``encoder.json`` and ``vocab.bpe`` next to ``model.pt``."""
     paths = os.path.join(out_dir, "encoder.json"), os.path.join(out_dir, "vocab.bpe")
     with open(paths[0], "w", encoding="utf-8") as f:
         json.dump(encoder, f, ensure_ascii=False)
@@ -677,11 +682,12 @@ def convert_gpt2(
 
     sizes = gpt2_sizes(config)
     encoder_src, bpe_src, bpe_from = gpt2_bpe_sources(hf_dir, encoder_json, vocab_bpe)
+    encoder, merges = read_gpt2_bpe(encoder_src, bpe_src)
     hf = strip_prefix(load_hf_state_dict(hf_dir), "transformer")
 
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
-    encoder_path, bpe_path = copy_gpt2_bpe(encoder_src, bpe_src, out_dir)
+    encoder_path, bpe_path = write_gpt2_bpe(encoder, merges, out_dir)
     write_gpt2_dict(os.path.join(out_dir, "dict.txt"))
 
     from fairseq import tasks

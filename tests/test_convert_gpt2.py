@@ -263,3 +263,35 @@ def test_command_line_mistakes_print_a_message_only(tmp_path, case):
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "Traceback" not in out, out[-3000:]
     assert f"fairseq_dp.convert: error: {message}" in out, out[-3000:]
+
+
+def test_the_checkpoints_own_tokenizer_files_are_used_and_checked(tmp_path):
+    """HuggingFace's vocab.json and merges.txt are GPT-2's encoder.json and
+    vocab.bpe: when HF_DIR has them they are the ones copied next to model.pt
+    (and written into its --bpe gpt2 configuration); a vocab.json that is not
+    in GPT-2's id layout is refused."""
+    import hashlib
+
+    from fairseq_dp.gpt2_bpe import gpt2_bpe_files
+
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    hf_dir = tmp_path / "hf"
+    random_gpt2().save_pretrained(str(hf_dir))
+    shutil.copy(encoder_json, hf_dir / "vocab.json")
+    merges = open(vocab_bpe, encoding="utf-8").read().rstrip("\n")  # no final newline: fairseq would drop a merge
+    (hf_dir / "merges.txt").write_text(merges, encoding="utf-8")
+    info = convert(str(hf_dir), str(tmp_path / "out"))
+    assert info["bpe"]["from"] == "the checkpoint's vocab.json and merges.txt"
+    copied = (tmp_path / "out" / "vocab.bpe").read_text(encoding="utf-8")
+    assert copied == merges + "\n"
+    assert json.loads((tmp_path / "out" / "encoder.json").read_text(encoding="utf-8")) == json.load(open(encoder_json))
+    assert info["bpe"]["sha256"]["vocab.bpe"] == hashlib.sha256(copied.encode("utf-8")).hexdigest()
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert state["cfg"]["bpe"]["gpt2_vocab_bpe"] == str(tmp_path / "out" / "vocab.bpe")
+
+    vocab = json.load(open(encoder_json))
+    vocab["<|extra|>"] = len(vocab)  # a token added to the tokenizer
+    (hf_dir / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(DPConfigError, match="vocab.json is not GPT-2's vocabulary"):
+        convert(str(hf_dir), str(tmp_path / "out2"))
+    assert not os.path.exists(tmp_path / "out2")
