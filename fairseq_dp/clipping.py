@@ -11,7 +11,7 @@ the clipped sum with the factors folded in (book-keeping); ``materialize``
 is the reference path. Both give the same update.
 """
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,13 +28,15 @@ def clip_factors(norms: Tensor, clip_norm: float) -> Tensor:
 
 
 def clipped_sums(records: List[list], name_of: Dict[int, str], clip_norm: float, *, ghost: bool,
-                 like: Tensor) -> Tuple[Dict[str, Dict[str, Tensor]], int]:
+                 like: Tensor, tied: Sequence[tuple] = ()) -> Tuple[Dict[str, Dict[str, Tensor]], int]:
     """The clipped sum of every tracked module's per-example gradients, by
     module name, and how many examples were clipped.
 
     ``records``: ``[module, input, output gradient]`` of one forward and
     backward; ``name_of``: module id -> name; ``like``: a tensor whose dtype
-    and device the norms take (the loss)."""
+    and device the norms take (the loss); ``tied``: (module a, module b,
+    rule) for weights two modules share, whose per-example norm needs the
+    cross term 2⟨g_a, g_b⟩ (``grad_sample/tied.py``)."""
     batch_size = None
     norms_sq = 0.0
     partial: List[Tuple[str, Callable[[Tensor], Dict[str, Tensor]]]] = []
@@ -55,7 +57,13 @@ def clipped_sums(records: List[list], name_of: Dict[int, str], clip_norm: float,
         n_sq, clipped_sum = sampler.norms_and_sum(module, activation, grad_out, ghost=ghost)
         norms_sq = norms_sq + n_sq
         partial.append((name, clipped_sum))
-    norms = torch.sqrt(torch.as_tensor(norms_sq, dtype=like.dtype, device=like.device))
+    by_module = {id(r[0]): r for r in records}
+    for a, b, cross in tied:
+        record_a, record_b = by_module[id(a)], by_module[id(b)]
+        if record_a[2] is not None and record_b[2] is not None:
+            norms_sq = norms_sq + 2 * cross(a, record_a, b, record_b)
+    # rounding can leave a tiny negative sum when the two uses nearly cancel
+    norms = torch.sqrt(torch.as_tensor(norms_sq, dtype=like.dtype, device=like.device).clamp(min=0))
     factors = clip_factors(norms, clip_norm)
     summed = {name: clipped_sum(factors) for name, clipped_sum in partial}
     return summed, int((factors < 1.0).sum().item())

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .errors import DPConfigError
 from .grad_sample import find_grad_sampler
+from .grad_sample.tied import find_tied_rule
 from .modules import LowRankLinear
 from .prepare import prepare_recording
 
@@ -96,6 +97,11 @@ class Recorder:
         self.low_rank = [m for _, m, _ in self.tracked if isinstance(m, LowRankLinear)]
         self.recording = False
         self._records: List[list] = []
+        # weights shared by two tracked modules: (module a, module b, cross-term
+        # rule), and the (module id, parameter) entries that must not get noise
+        # again (the weight gets it once, through its first owner)
+        self.tied: List[tuple] = []
+        self.noise_skip = set()
         self._hooks = list(self._check_shared_parameters(model))
         self._taps: Dict[int, Tensor] = {}
         for _, module, _ in self.tracked:
@@ -130,12 +136,22 @@ class Recorder:
         guards = []
         for shared in (o for o in owners.values() if len(o) > 1):
             names = " and ".join(n for n, _ in shared)
-            if sum(id(m) in tracked_ids for _, m in shared) > 1:
-                raise DPConfigError(
-                    f"DP training cannot clip the tied trainable parameter {names} "
-                    "(used by two modules); untie it (for a language model: "
-                    "--untie-output-embedding) or freeze it (e.g. --dp-freeze)"
-                )
+            tracked_owners = [(n, m) for n, m in shared if id(m) in tracked_ids]
+            if len(tracked_owners) > 1:
+                rule = find_tied_rule(tracked_owners[0][1], tracked_owners[1][1]) \
+                    if len(tracked_owners) == 2 else None
+                if rule is None:
+                    raise DPConfigError(
+                        f"DP training cannot clip the tied trainable parameter {names} "
+                        "(used by two modules, and no rule covers the pair); untie it (for a "
+                        "language model: --untie-output-embedding) or freeze it (e.g. --dp-freeze)"
+                    )
+                fn, swapped = rule
+                (_, a), (_, b) = tracked_owners[::-1] if swapped else tracked_owners
+                self.tied.append((a, b, fn))
+                # the weight gets its noise once, through its first owner
+                skip_name, skip_module = tracked_owners[1]
+                self.noise_skip.add((id(skip_module), skip_name.rpartition(".")[2]))
             for pname, module in shared:
                 if id(module) not in tracked_ids:
                     guards.append(module.register_forward_pre_hook(self._tied_guard(pname, names)))

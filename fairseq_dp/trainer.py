@@ -246,7 +246,8 @@ class DPTrainer:
         else:
             self.recorder.fill_output_grads(loss)
             summed, nclipped = clipped_sums(records, self.recorder.name_of, settings.clip_norm,
-                                            ghost=settings.clipping == "ghost", like=loss)
+                                            ghost=settings.clipping == "ghost", like=loss,
+                                            tied=self.recorder.tied)
             logging_output["dp_nclipped"] = nclipped
 
         add = first_micro_batch and settings.adds_noise and settings.noise_multiplier > 0
@@ -256,7 +257,9 @@ class DPTrainer:
         for (name, module, sampler) in self.recorder.tracked:
             values = summed[name] if summed is not None else sampler.zero_sum(module)
             if add:
-                values = add_noise(values, std, generator)
+                # a tied weight gets its noise once, through its first owner
+                skip = {k: v for k, v in values.items() if (id(module), k) in self.recorder.noise_skip}
+                values = {**add_noise({k: v for k, v in values.items() if k not in skip}, std, generator), **skip}
             sampler.accumulate_grad(module, {k: v * scale for k, v in values.items()})
         if first_micro_batch:
             self.accountant.step(noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate)
