@@ -118,6 +118,67 @@ def check_checkpoint_fits(model: nn.Module, state_dict, prefix: str = "", conver
     raise DPConfigError(message)
 
 
+DEC = "decoder."
+DEC_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def decoder_sizes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[dict]:
+    """A causal LM's sizes from its tensor shapes (fairseq's transformer_lm names)."""
+    embed = shapes.get(DEC + "embed_tokens.weight")
+    if embed is None:
+        return None
+    layers = {int(m.group(1)) for k in shapes for m in [DEC_LAYER.match(k)] if m}
+    fc1 = shapes.get(DEC + "layers.0.fc1.weight")
+    positions = shapes.get(DEC + "embed_positions.weight")
+    return {"layers": len(layers), "embed_dim": embed[1], "ffn_dim": fc1[0] if fc1 else None,
+            "vocab": embed[0], "position_rows": positions[0] if positions else None}
+
+
+def decoder_flags(sizes: dict) -> str:
+    flags = [f"--decoder-layers {sizes['layers']}", f"--decoder-embed-dim {sizes['embed_dim']}",
+             f"--decoder-input-dim {sizes['embed_dim']}", f"--decoder-output-dim {sizes['embed_dim']}"]
+    if sizes["ffn_dim"]:
+        flags.append(f"--decoder-ffn-embed-dim {sizes['ffn_dim']}")
+    if sizes["position_rows"]:
+        # learned positions keep padding_idx + 1 = 2 rows before the first position
+        flags.append(f"--max-target-positions {sizes['position_rows'] - 2}")
+    return " ".join(flags)
+
+
+def check_decoder_fits(model: nn.Module, state_dict, prefix: str = "") -> None:
+    """A language model's checkpoint whose sizes differ from the model's gets
+    one message with the flags that rebuild it; a checkpoint whose output
+    projection differs from its token embedding (trained untied) is refused
+    for a tied model, which would silently keep only one of the two."""
+    own = {k: tuple(t.shape) for k, t in list(model.named_parameters()) + list(model.named_buffers())}
+    theirs = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+              if k.startswith(prefix) and hasattr(v, "shape")}
+    their_sizes = decoder_sizes(theirs)
+    if their_sizes is None or decoder_sizes(own) is None:
+        return
+    mismatched = [k for k in own if k in theirs and theirs[k] != own[k]]
+    if mismatched:
+        k = mismatched[0]
+        raise DPConfigError(
+            f"the checkpoint's language model does not fit --arch's: {len(mismatched)} tensors differ in "
+            f"shape, e.g. {k}: checkpoint {list(theirs[k])}, model {list(own[k])}. The checkpoint has "
+            f"{their_sizes['layers']} layers, embedding dim {their_sizes['embed_dim']}, FFN dim "
+            f"{their_sizes['ffn_dim']} and {their_sizes['vocab']} dictionary entries; rebuild it with "
+            f"{decoder_flags(their_sizes)} (and the dictionary it was trained with)"
+        )
+    decoder = getattr(model, "decoder", None)
+    embed_key, out_key = prefix + DEC + "embed_tokens.weight", prefix + DEC + "output_projection.weight"
+    tied = (decoder is not None and getattr(decoder, "output_projection", None) is not None
+            and decoder.output_projection.weight is getattr(decoder, "embed_tokens", None).weight)
+    if tied and embed_key in state_dict and out_key in state_dict \
+            and not state_dict[embed_key].equal(state_dict[out_key]):
+        raise DPConfigError(
+            "the checkpoint's output projection differs from its token embedding (it was trained "
+            "untied), but this model ties them (--share-decoder-input-output-embed), which would keep "
+            "only one of the two: drop --share-decoder-input-output-embed"
+        )
+
+
 def check_checkpoints_on_load(model: nn.Module) -> None:
     """Run :func:`check_checkpoint_fits` before every ``load_state_dict`` of
     ``model`` (once per model, however often it is called)."""
@@ -128,6 +189,7 @@ def check_checkpoints_on_load(model: nn.Module) -> None:
     def hook(module, state_dict, prefix, *unused):
         if module is model:
             check_checkpoint_fits(model, state_dict, prefix)
+            check_decoder_fits(model, state_dict, prefix)
 
     model.register_load_state_dict_pre_hook(hook)
 

@@ -162,3 +162,21 @@ def test_prepare_lm_e2e_csv_then_train(tmp_path, caplog):
     messages = run_main(argv, caplog)
     assert summary_value(messages, "num_updates") == 2
     assert math.isfinite(summary_value(messages, "loss"))
+
+
+def test_checkpoint_of_other_sizes_or_untied_gets_a_message(data):
+    _, _, small, _ = build(lm_train_args(data))
+    wider = lm_train_args(data)
+    for flag in ("--decoder-embed-dim", "--decoder-input-dim", "--decoder-output-dim"):
+        wider[wider.index(flag) + 1] = "16"
+    _, _, other, _ = build(wider)
+    with pytest.raises(DPConfigError, match="--decoder-layers 2 --decoder-embed-dim 32 --decoder-input-dim 32"):
+        other.load_state_dict(small.state_dict())
+    _, _, tied, _ = build(lm_train_args(data, "--share-decoder-input-output-embed"))
+    untied_state = small.state_dict()
+    assert not untied_state["decoder.embed_tokens.weight"].equal(untied_state["decoder.output_projection.weight"])
+    with pytest.raises(DPConfigError, match="drop --share-decoder-input-output-embed"):
+        tied.load_state_dict(untied_state)
+    # a tied checkpoint loads into an untied model: both start from the embedding
+    small.load_state_dict(tied.state_dict())
+    assert small.decoder.output_projection.weight.equal(tied.decoder.embed_tokens.weight)
