@@ -133,16 +133,30 @@ def plugin_help() -> str:
     from .criterions.dp_sentence_prediction import DPSentencePredictionCriterionConfig
     from .tasks.dp_sentence_prediction import DPSentencePredictionConfig
 
+    from fairseq.tasks.language_modeling import LanguageModelingConfig
+
+    from .criterions.dp_language_modeling import DPLanguageModelingCriterionConfig
+    from .dp_config import DPConfig
+    from .tasks.dp_language_modeling import DPLanguageModelingConfig
+
+    dp_rows = _dataclass_flags(DPSentencePredictionConfig, TaskBase)
+    dp_flags = {r[0] for r in dp_rows}
     sections = [
         "fairseq_dp: the flags the plugin adds to fairseq-train (fairseq's --help cannot list a "
         "task's or model's flags; see fairseq-dp-flags --help for why)",
         "",
-        "DP training: --task dp_sentence_prediction --criterion dp_sentence_prediction",
-        _format(_dataclass_flags(DPSentencePredictionConfig, TaskBase)),
+        "DP training, every DP task: --task dp_sentence_prediction --criterion dp_sentence_prediction "
+        "(classification), --task dp_language_modeling --criterion dp_language_modeling (causal LMs)",
+        _format(dp_rows),
     ]
     criterion_rows = _dataclass_flags(DPSentencePredictionCriterionConfig, CriterionBase)
     if criterion_rows:
         sections += ["", "criterion dp_sentence_prediction", _format(criterion_rows)]
+    lm_rows = [r for r in _dataclass_flags(DPLanguageModelingConfig, LanguageModelingConfig)
+               if r[0] not in dp_flags]
+    sections += ["", "task dp_language_modeling (besides fairseq's language_modeling flags)", _format(lm_rows)]
+    lm_criterion_rows = _dataclass_flags(DPLanguageModelingCriterionConfig, DPConfig)
+    sections += ["", "criterion dp_language_modeling", _format(lm_criterion_rows)]
     from fairseq.models import ARCH_MODEL_INV_REGISTRY
 
     shared = None

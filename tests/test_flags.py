@@ -23,6 +23,8 @@ from helpers import PLUGIN_DIR
 BIN = os.path.dirname(sys.executable)
 ARCHS = ["roberta_rgp", "roberta_rgp_minilm", "roberta_lora", "roberta_lora_base", "roberta_pooled",
          "roberta_pooled_minilm"]
+# causal LMs: (arch, the family of flags the plugin adds besides --dp-*)
+LM_ARCHS = {"transformer_lm": "--untie-output-embedding"}
 
 
 def fairseq_parse(task, arch):
@@ -33,9 +35,11 @@ def fairseq_parse(task, arch):
 
 def plugin_actions(arch):
     """(action, parsed default) of every flag the plugin adds for ``arch``."""
-    fairseq_parser, _ = fairseq_parse("sentence_prediction", "roberta")
+    lm = arch.startswith("transformer_lm")
+    fairseq_parser, _ = fairseq_parse(*(("language_modeling", "transformer_lm") if lm
+                                        else ("sentence_prediction", "roberta")))
     theirs = {a.dest for a in fairseq_parser._actions}
-    parser, args = fairseq_parse("dp_sentence_prediction", arch)
+    parser, args = fairseq_parse("dp_language_modeling" if lm else "dp_sentence_prediction", arch)
     return [(a, getattr(args, a.dest, a.default)) for a in parser._actions
             if a.dest not in theirs and a.option_strings]
 
@@ -79,14 +83,14 @@ def listed_default(text, arch):
     raise AssertionError(f"no default for {arch} in {default!r}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + list(LM_ARCHS))
 def test_every_plugin_flag_with_its_help_and_default(listing, arch):
     actions = plugin_actions(arch)
     flags = {a.option_strings[0] for a, _ in actions}
     # the families the issue names, so that the oracle itself is not empty
     assert any(f.startswith("--dp-") for f in flags)
-    assert any(f.startswith("--rgp-" if "rgp" in arch else "--lora-" if "lora" in arch else "--layer-norm")
-               for f in flags)
+    family = LM_ARCHS.get(arch) or ("--rgp-" if "rgp" in arch else "--lora-" if "lora" in arch else "--layer-norm")
+    assert any(f.startswith(family) for f in flags)
     for action, default in actions:
         text = block(listing, action.option_strings[0])
         assert " ".join((action.help or "").split()) in text

@@ -38,10 +38,11 @@ class DPLanguageModelingConfig(LanguageModelingConfig, DPConfig):
     untie_output_embedding: bool = field(
         default=False,
         metadata={
-            "help": "give the output projection its own weight instead of the token embedding's "
-            "(GPT-2 ties them; private-transformers unties them for DP full fine-tuning). The "
-            "saved model config says untied, so every loader builds the same model; both start "
-            "from the checkpoint's embedding"
+            "help": "give the output projection its own weight instead of the token embedding's, "
+            "as private-transformers does for DP full fine-tuning (GPT-2 ties them; DP trains the "
+            "tied weight correctly too, with one per-example norm over both uses). The saved model "
+            "config says untied, so every loader builds the same model; both start from the "
+            "checkpoint's embedding"
         },
     )
 
