@@ -43,7 +43,7 @@ from fairseq_dp.models.transformer_lm_rgp import (
 from fairseq_dp.modules import LoRALinear, LowRankLinear
 from fairseq_dp.prepare import force_module_attention, set_batch_dims
 
-from helpers import build, data_dir, parse, train_args
+from helpers import build, data_dir, train_args
 
 SIZES = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "48",
          "--decoder-attention-heads", "4"]

@@ -35,7 +35,7 @@ ALL_TARGETS = ",".join(LAYER_TARGETS)
 TRANSFORMER_LAYERS = (TransformerEncoderLayerBase, TransformerDecoderLayerBase)
 
 CARRIER_SOURCES = ("weight", "update")
-# help of RGP's options (roberta_rgp's argparse flags, transformer_lm_rgp's dataclass)
+# help of RGP's options, shared by roberta_rgp and transformer_lm_rgp
 RGP_HELP = {
     "rgp_rank": "rank of the gradient carriers L (out x R) and R (R x in) of every reparametrized matrix",
     "rgp_power_iters": "power iterations computing the carriers before each update",
