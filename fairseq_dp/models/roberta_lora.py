@@ -30,7 +30,8 @@ from .sentence_encoder import (
     minilm_architecture,
     sentence_encoder_architecture,
 )
-from .swap import LAYER_TARGETS, add_lora, check_lora_args, keep_missing_parameters, parse_targets  # noqa: F401 (parse_targets: kept importable from here)
+# parse_targets stays importable from here, where it used to live
+from .swap import LAYER_TARGETS, add_lora, check_lora_args, keep_missing_parameters, parse_targets  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
