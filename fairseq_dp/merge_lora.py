@@ -1,14 +1,17 @@
 # Copyright (c) fairseq_dp contributors. MIT license.
-"""Merge a trained ``roberta_lora`` checkpoint into a plain RoBERTa one.
+"""Merge a trained ``roberta_lora`` or ``transformer_lm_lora`` checkpoint
+into a plain RoBERTa or ``transformer_lm`` one.
 
     python -m fairseq_dp.merge_lora checkpoint_best.pt merged.pt
 
 Every adapted matrix becomes ``W₀ + (α / r)·B A``, the ``lora_A`` / ``lora_B``
 entries are dropped and the architecture is renamed to the plain one
-(``roberta_lora_base`` → ``roberta_base``), so the result loads as a
-``RobertaModel`` with the same outputs, in fairseq with or without the plugin
-(its task becomes fairseq's ``sentence_prediction``, as ``fairseq_dp.export``
-does).
+(``roberta_lora_base`` → ``roberta_base``; every ``transformer_lm_lora*`` →
+``transformer_lm``, whose saved options carry the GPT-2 shape and sizes), so
+the result loads as a ``RobertaModel`` / ``TransformerLanguageModel`` with the
+same outputs, in fairseq with or without the plugin (its task becomes
+fairseq's ``sentence_prediction`` / ``language_modeling``, as
+``fairseq_dp.export`` does).
 A model whose heads read the mean over tokens, or whose LayerNorm ε is not
 fairseq's, becomes the plugin's ``roberta_pooled`` (``_minilm``) instead, since
 stock RoBERTa cannot express either.
@@ -25,11 +28,11 @@ import logging
 from typing import Dict
 
 import torch
-from omegaconf import OmegaConf, open_dict
 
-from .export import move_ledger_to_top_level, read_checkpoint, use_stock_task
+from .export import STOCK_LM_TASK, STOCK_TASK, move_ledger_to_top_level, read_checkpoint, rename_arch, use_stock_task
 from .errors import DPConfigError
 from .models.roberta_lora import PLAIN_ARCH, POOLED_ARCH
+from .models.transformer_lm_lora import PLAIN_ARCH as LM_PLAIN_ARCH
 
 logger = logging.getLogger(__name__)
 
@@ -58,31 +61,24 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
     # fairseq-train saves a Namespace or a DictConfig, fairseq-hydra-train a dict
     get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)
     arch = get("arch") or get("_name")
-    if arch not in PLAIN_ARCH:
-        raise DPConfigError(f"{src} is not a roberta_lora checkpoint (architecture {arch!r})")
+    if arch not in PLAIN_ARCH and arch not in LM_PLAIN_ARCH:
+        raise DPConfigError(f"{src} is not a roberta_lora checkpoint (architecture {arch!r}) "
+                            "nor a transformer_lm_lora one")
     scaling = float(get("lora_alpha")) / int(get("lora_rank"))
     move_ledger_to_top_level(state)
     state["model"] = merge_lora_state_dict(state["model"], scaling)
-    plain = PLAIN_ARCH[arch]
-    pooling, eps = get("classification_pooling") or "cls", get("layer_norm_eps") or 1e-5
-    if pooling != "cls" or eps != 1e-5:
-        plain = POOLED_ARCH[arch]
-        logger.info(f"--classification-pooling {pooling}, --layer-norm-eps {eps:g}: the merged "
-                    f"checkpoint is {plain}, which needs --user-dir fairseq_dp to load")
-    if isinstance(model_cfg, dict):
-        model_cfg["_name"] = plain
-        if "arch" in model_cfg:
-            model_cfg["arch"] = plain
-    elif OmegaConf.is_config(model_cfg):
-        with open_dict(model_cfg):
-            model_cfg._name = plain
-            model_cfg.arch = plain
+    if arch in LM_PLAIN_ARCH:
+        plain, stock_task = LM_PLAIN_ARCH[arch], STOCK_LM_TASK
     else:
-        model_cfg._name, model_cfg.arch = plain, plain
-    if state.get("cfg") is not None and state.get("args") is not None:
-        state["args"].arch = plain
-    if plain == PLAIN_ARCH[arch]:  # stock fairseq builds it: give it fairseq's own task
-        use_stock_task(state)
+        plain, stock_task = PLAIN_ARCH[arch], STOCK_TASK
+        pooling, eps = get("classification_pooling") or "cls", get("layer_norm_eps") or 1e-5
+        if pooling != "cls" or eps != 1e-5:
+            plain, stock_task = POOLED_ARCH[arch], None
+            logger.info(f"--classification-pooling {pooling}, --layer-norm-eps {eps:g}: the merged "
+                        f"checkpoint is {plain}, which needs --user-dir fairseq_dp to load")
+    rename_arch(state, plain)
+    if stock_task is not None:  # stock fairseq builds it: give it fairseq's own task
+        use_stock_task(state, stock_task)
     state["last_optimizer_state"] = None
     torch.save(state, dst)
     logger.info(f"merged LoRA adapters (scale {scaling:g}) of {src} into {dst} ({plain})")
@@ -90,8 +86,8 @@ def merge_lora_checkpoint(src: str, dst: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="roberta_lora checkpoint written by fairseq-train")
-    parser.add_argument("output", help="where to write the plain RoBERTa checkpoint")
+    parser.add_argument("checkpoint", help="roberta_lora or transformer_lm_lora checkpoint written by fairseq-train")
+    parser.add_argument("output", help="where to write the plain RoBERTa / transformer_lm checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     merge_lora_checkpoint(args.checkpoint, args.output)

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch.nn as nn
 from fairseq.models.roberta import RobertaModel
-from fairseq.models.transformer import TransformerDecoderBase as TransformerDecoder, TransformerEncoder
+from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules import MultiheadAttention
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
@@ -74,14 +74,16 @@ def freeze_unused_lm_head(model: nn.Module) -> List[str]:
 
 
 def set_batch_dims(model: nn.Module) -> None:
-    """fairseq's encoder layers (and the final LayerNorm after them) run
-    time-major (T, B, C); embeddings, the embedding LayerNorm and the heads
-    batch-major, the rules' default."""
+    """fairseq's encoder and decoder layers run time-major (T, B, C): the
+    encoder and ``TransformerDecoderBase.extract_features`` transpose to (T, B, C)
+    before the layers and back only after the final LayerNorm, so that
+    LayerNorm is time-major too. Embeddings, the embedding LayerNorm, the
+    output projection and the heads run batch-major, the rules' default."""
     for module in model.modules():
         if isinstance(module, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
             for sub in module.modules():
                 sub.dp_batch_dim = 1
-        if isinstance(module, (TransformerEncoder, TransformerDecoder)) and module.layer_norm is not None:
+        if isinstance(module, (TransformerEncoderBase, TransformerDecoderBase)) and module.layer_norm is not None:
             module.layer_norm.dp_batch_dim = 1
 
 

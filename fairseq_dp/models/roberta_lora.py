@@ -21,10 +21,8 @@ from fairseq.models.roberta.model import (
     roberta_base_architecture,
     roberta_large_architecture,
 )
-from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr
 
-from ..errors import DPConfigError
 from ..modules import LoRALinear
 from .sentence_encoder import (
     SentenceEncoderMixin,
@@ -32,17 +30,12 @@ from .sentence_encoder import (
     minilm_architecture,
     sentence_encoder_architecture,
 )
+# parse_targets stays importable from here, where it used to live
+from .swap import LAYER_TARGETS, add_lora, check_lora_args, keep_missing_parameters, parse_targets  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "out": "self_attn.out_proj",
-    "fc1": "fc1",
-    "fc2": "fc2",
-}
+LORA_TARGETS = LAYER_TARGETS
 LORA_DEFAULTS = {"lora_rank": 16, "lora_targets": ",".join(LORA_TARGETS)}
 # the plain architecture each LoRA one merges into
 PLAIN_ARCH = {"roberta_lora": "roberta", "roberta_lora_base": "roberta_base", "roberta_lora_large": "roberta_large",
@@ -50,16 +43,6 @@ PLAIN_ARCH = {"roberta_lora": "roberta", "roberta_lora_base": "roberta_base", "r
 # merged checkpoints whose head pooling or LayerNorm ε stock RoBERTa cannot express
 POOLED_ARCH = {"roberta_lora": "roberta_pooled", "roberta_lora_base": "roberta_pooled",
                "roberta_lora_large": "roberta_pooled", "roberta_lora_minilm": "roberta_pooled_minilm"}
-
-
-def parse_targets(spec: str):
-    targets = [t.strip() for t in spec.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise DPConfigError(
-            f"--lora-targets must be a comma-separated subset of {','.join(LORA_TARGETS)}, got {spec!r}"
-        )
-    return targets
 
 
 def lora_scaling(args) -> float:
@@ -84,23 +67,9 @@ class RobertaLoRAModel(SentenceEncoderMixin, RobertaModel):
     @classmethod
     def build_model(cls, args, task):
         base_lora_architecture(args)
-        if args.lora_rank < 1:
-            raise DPConfigError(f"--lora-rank must be >= 1, got {args.lora_rank}")
-        targets = parse_targets(args.lora_targets)
+        check_lora_args(args.lora_rank, args.lora_targets)  # refused before the model is built
         model = super().build_model(args, task)
-        for layer in model.modules():
-            if not isinstance(layer, TransformerEncoderLayerBase):
-                continue
-            for target in targets:
-                owner_path, _, attr = LORA_TARGETS[target].rpartition(".")
-                owner = layer.get_submodule(owner_path) if owner_path else layer
-                linear = getattr(owner, attr)
-                setattr(owner, attr, LoRALinear.from_linear(linear, rank=args.lora_rank, alpha=args.lora_alpha))
-            # the attention fast path reads q/k/v/out_proj.weight directly and would
-            # skip the adapters; this is the switch fairseq checks to call the modules
-            layer.self_attn._set_skip_embed_dim_check()
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.endswith((".lora_A", ".lora_B")))
+        targets = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, "roberta_lora")
         n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         logger.info(f"roberta_lora: rank {args.lora_rank} on {','.join(targets)}, "
                     f"scale {lora_scaling(args):g}, {n_lora} adapter parameters")
@@ -116,16 +85,8 @@ class RobertaLoRAModel(SentenceEncoderMixin, RobertaModel):
 
     def upgrade_state_dict_named(self, state_dict, name):
         super().upgrade_state_dict_named(state_dict, name)
-        prefix = name + "." if name != "" else ""
         # a plain RoBERTa checkpoint has no adapters: they keep their initialization
-        added = 0
-        for module_name, module in self.named_modules():
-            if isinstance(module, LoRALinear):
-                for factor in ("lora_A", "lora_B"):
-                    key = f"{prefix}{module_name}.{factor}"
-                    if key not in state_dict:
-                        state_dict[key] = getattr(module, factor).detach().clone()
-                        added += 1
+        added = keep_missing_parameters(self, state_dict, name, LoRALinear, ("lora_A", "lora_B"))
         if added:
             logger.info(f"roberta_lora: {added} LoRA factors not in the checkpoint keep their initialization")
 

@@ -48,16 +48,20 @@ def add_sentence_encoder_args(parser) -> None:
     )
 
 
-def check_trained_privately(args, task) -> None:
+def check_trained_privately(args, task, dp_task: str = "dp_sentence_prediction") -> None:
     """The plugin's archs exist for DP training; under a task that neither
-    clips nor adds noise they would train without privacy and without a word."""
+    clips nor adds noise they would train without privacy and without a word.
+    ``dp_task``: the DP task (and criterion) the message suggests."""
     if getattr(task, "accountant", None) is not None or safe_getattr(args, "non_private_baseline", False):
         return
-    task_name = safe_getattr(getattr(task, "cfg", None), "_name", None) or type(task).__name__
+    # fairseq's dataclass tasks keep their options as task.cfg, language_modeling as task.args
+    task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+    task_name = safe_getattr(task_cfg, "_name", None) or type(task).__name__
+    arch = safe_getattr(args, "arch", None) or safe_getattr(args, "_name", "?")
     raise DPConfigError(
-        f"--arch {safe_getattr(args, 'arch', '?')} is a fairseq_dp architecture, but --task {task_name} "
-        "trains it without differential privacy. Use --task dp_sentence_prediction --criterion "
-        "dp_sentence_prediction, or add --non-private-baseline to train it without privacy on purpose"
+        f"--arch {arch} is a fairseq_dp architecture, but --task {task_name} "
+        f"trains it without differential privacy. Use --task {dp_task} --criterion "
+        f"{dp_task}, or add --non-private-baseline to train it without privacy on purpose"
     )
 
 
