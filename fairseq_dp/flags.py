@@ -80,37 +80,75 @@ def _metavar(action) -> str:
     return action.metavar or action.dest.upper()
 
 
-def _model_flags(model_name: str, archs=None) -> List[Tuple[str, str, str, str]]:
-    """The flags a plugin model adds to RoBERTa's, with the default of each
-    arch (of ``archs``, default the model's own)."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY, MODEL_REGISTRY
-    from fairseq.models.roberta import RobertaModel
+# the plugin's models, the fairseq model whose flags they extend, and a title
+PLUGIN_MODELS = (
+    ("roberta_rgp", "roberta", "RGP (--arch roberta_rgp, _base, _large, _minilm)"),
+    ("roberta_lora", "roberta", "DP-LoRA (--arch roberta_lora, _base, _large, _minilm)"),
+    ("roberta_pooled", "roberta", "DP full fine-tuning of a converted encoder "
+     "(--arch roberta_pooled, roberta_pooled_minilm)"),
+    ("transformer_lm_lora", "transformer_lm", "DP-LoRA for causal LMs (--arch transformer_lm_lora, "
+     "_gpt2_small, _gpt2_medium, _gpt2_large)"),
+    ("transformer_lm_rgp", "transformer_lm", "RGP for causal LMs (--arch transformer_lm_rgp, "
+     "_gpt2_small, _gpt2_medium, _gpt2_large)"),
+)
+
+
+def _model_actions(model_name: str, base_name: str) -> Dict[str, argparse.Action]:
+    """The flags ``model_name`` adds to its fairseq base model's, by dest."""
+    from fairseq.models import MODEL_REGISTRY
 
     base = argparse.ArgumentParser(add_help=False)
-    RobertaModel.add_args(base)
+    MODEL_REGISTRY[base_name].add_args(base)
     known = {a.dest for a in base._actions}
     parser = argparse.ArgumentParser(add_help=False)
     MODEL_REGISTRY[model_name].add_args(parser)
-    archs = sorted(archs or ARCH_MODEL_INV_REGISTRY[model_name])
-    defaults = {}
-    for arch in archs:
-        args = argparse.Namespace()
-        ARCH_CONFIG_REGISTRY[arch](args)
-        defaults[arch] = args
-    rows = []
-    for action in parser._actions:
-        if action.dest in known:
-            continue
+    return {a.dest: a for a in parser._actions if a.dest not in known and a.option_strings}
+
+
+def _plugin_model_sections() -> List[Tuple[str, List[Tuple[str, str, str, str]]]]:
+    """(title, rows) for the plugin models' flags: each flag once, in the
+    section of the models that have it, with the default of every arch."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
+
+    owners: Dict[str, List[str]] = {}
+    actions: Dict[str, argparse.Action] = {}
+    helps: Dict[str, Dict[str, List[str]]] = {}  # dest -> help -> models
+    for model_name, base_name, _ in PLUGIN_MODELS:
+        for dest, action in _model_actions(model_name, base_name).items():
+            owners.setdefault(dest, []).append(model_name)
+            actions.setdefault(dest, action)
+            helps.setdefault(dest, {}).setdefault(" ".join((action.help or "").split()), []).append(model_name)
+    arch_defaults = {}
+    for model_name, _, _ in PLUGIN_MODELS:
+        for arch in sorted(ARCH_MODEL_INV_REGISTRY[model_name]):
+            args = argparse.Namespace()
+            ARCH_CONFIG_REGISTRY[arch](args)
+            arch_defaults[arch] = (model_name, args)
+    titles = {m: t for m, _, t in PLUGIN_MODELS}
+    groups: Dict[Tuple[str, ...], List[Tuple[str, str, str, str]]] = {}
+    for dest, models in owners.items():
         values: Dict[str, List[str]] = {}
-        for arch in archs:
-            value = getattr(defaults[arch], action.dest, None)
-            values.setdefault(str(value), []).append(arch)
+        for arch, (model_name, args) in arch_defaults.items():
+            if model_name in models:
+                values.setdefault(str(getattr(args, dest, None)), []).append(arch)
         if len(values) == 1:
             default = next(iter(values))
         else:
             default = "; ".join(f"{v} ({', '.join(a)})" for v, a in values.items())
-        rows.append((action.option_strings[0], _metavar(action), action.help or "", default))
-    return rows
+        action = actions[dest]
+        # a flag whose help differs between models (encoder vs decoder layers) shows each
+        help_text = next(iter(helps[dest])) if len(helps[dest]) == 1 else " | ".join(
+            f"{', '.join(m + '*' for m in ms)}: {h}" for h, ms in helps[dest].items())
+        groups.setdefault(tuple(models), []).append(
+            (action.option_strings[0], _metavar(action), help_text, default))
+    sections = []
+    for models, rows in sorted(groups.items(), key=lambda g: (-len(g[0]), g[0])):
+        if len(models) == 1:
+            title = titles[models[0]]
+        else:
+            title = "plugin models " + ", ".join(f"{m}*" for m in models) + " (defaults per arch)"
+        sections.append((title, rows))
+    return sections
 
 
 def _format(rows, width=100) -> str:
@@ -157,31 +195,13 @@ def plugin_help() -> str:
     sections += ["", "task dp_language_modeling (besides fairseq's language_modeling flags)", _format(lm_rows)]
     lm_criterion_rows = _dataclass_flags(DPLanguageModelingCriterionConfig, DPConfig)
     sections += ["", "criterion dp_language_modeling", _format(lm_criterion_rows)]
-    from fairseq.models import ARCH_MODEL_INV_REGISTRY
-
-    shared = None
-    model_sections = []
-    plugin_models = (("roberta_rgp", "RGP (--arch roberta_rgp, _base, _large, _minilm)"),
-                              ("roberta_lora", "DP-LoRA (--arch roberta_lora, _base, _large, _minilm)"),
-                              ("roberta_pooled", "DP full fine-tuning of a converted encoder "
-                               "(--arch roberta_pooled, roberta_pooled_minilm)"))
-    for model_name, title in plugin_models:
-        rows = _model_flags(model_name)
-        flags = {r[0] for r in rows}
-        shared = flags if shared is None else shared & flags
-        model_sections.append((title, rows))
-    every_arch = [a for name, _ in plugin_models for a in ARCH_MODEL_INV_REGISTRY[name]]
-    common = [r for r in _model_flags(plugin_models[0][0], every_arch) if r[0] in shared]
-    sections += ["", "every plugin model (roberta_rgp*, roberta_lora*, roberta_pooled*; defaults per arch)",
-                 _format(common)]
-    for title, rows in model_sections:
-        own = [r for r in rows if r[0] not in shared]
-        if own:
-            sections += ["", title, _format(own)]
+    for title, rows in _plugin_model_sections():
+        sections += ["", title, _format(rows)]
     sections += [
         "",
         "fairseq's plain RoBERTa archs (roberta, roberta_base, roberta_large) train every trainable "
-        "parameter with DP under --task dp_sentence_prediction; their flags are fairseq's.",
+        "parameter with DP under --task dp_sentence_prediction, and its plain transformer_lm archs "
+        "under --task dp_language_modeling; their flags are fairseq's.",
         "",
         "metrics in the train log lines and epoch summaries",
     ]

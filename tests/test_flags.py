@@ -24,7 +24,8 @@ BIN = os.path.dirname(sys.executable)
 ARCHS = ["roberta_rgp", "roberta_rgp_minilm", "roberta_lora", "roberta_lora_base", "roberta_pooled",
          "roberta_pooled_minilm"]
 # causal LMs: (arch, the family of flags the plugin adds besides --dp-*)
-LM_ARCHS = {"transformer_lm": "--untie-output-embedding"}
+LM_ARCHS = {"transformer_lm": "--untie-output-embedding", "transformer_lm_lora": "--lora-",
+            "transformer_lm_lora_gpt2_medium": "--lora-", "transformer_lm_rgp": "--rgp-"}
 
 
 def fairseq_parse(task, arch):
@@ -78,7 +79,7 @@ def listed_default(text, arch):
         return default
     for group in default.split("; "):
         value, archs = group.split(" (", 1)
-        if arch in re.findall(r"[a-z_]+", archs):
+        if arch in re.findall(r"[a-z0-9_]+", archs):
             return value
     raise AssertionError(f"no default for {arch} in {default!r}")
 

@@ -141,6 +141,19 @@ def test_full_finetuning_step_matches_per_example_loop(data, model_args, extra, 
     check_step(task, model, criterion, cfg)
 
 
+LORA_LM = ["--arch", "transformer_lm_lora", *LM_SIZES, "--lora-rank", "4", "--lora-alpha", "8",
+           "--lora-targets", "q,v,fc1"]
+RGP_LM = ["--arch", "transformer_lm_rgp", *LM_SIZES, "--rgp-rank", "2"]
+
+
+@pytest.mark.parametrize("model_args", [LORA_LM, RGP_LM], ids=["lora", "rgp"])
+def test_lora_and_rgp_steps_match_per_example_loop(data, model_args):
+    cfg, task, model, criterion = make(data, model_args)
+    kinds = {type(m) for m in model.modules()}
+    assert (LoRALinear if model_args is LORA_LM else LowRankLinear) in kinds
+    check_step(task, model, criterion, cfg)
+
+
 def test_tied_embedding_gets_its_noise_once(data):
     """With clipping out of the way (C huge, one example) the noisy gradient
     minus the clean one is the noise: the tied weight's has std σC/B, as every
