@@ -1,4 +1,5 @@
-"""Two CPU workers (gloo on 127.0.0.1, legacy_ddp) against one worker."""
+"""Two CPU workers (gloo on 127.0.0.1, legacy_ddp) against one worker, for
+every DP task (the engine is shared: the same test runs on each)."""
 
 import os
 import socket
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import data_dir, train_args
+from helpers import data_dir, lm_data_dir, lm_train_args, train_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPDATES = 4
@@ -19,9 +20,12 @@ COMPARABLE = ["--dropout", "0", "--attention-dropout", "0", "--optimizer", "sgd"
               "--dp-insecure-seeded-rng"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return data_dir(tmp_path_factory, n_train=256, n_valid=32)
+@pytest.fixture(scope="module", params=["dp_sentence_prediction", "dp_language_modeling"])
+def task_setup(request, tmp_path_factory):
+    """(data directory, the task's training command line) of each DP task."""
+    if request.param == "dp_language_modeling":
+        return lm_data_dir(tmp_path_factory, n_train=256, n_valid=32), lm_train_args
+    return data_dir(tmp_path_factory, n_train=256, n_valid=32), train_args
 
 
 def free_port():
@@ -55,7 +59,8 @@ def launch(out_dir, argv, world_size):
     return results
 
 
-def test_two_workers_stay_identical_and_match_one_worker(data, tmp_path):
+def test_two_workers_stay_identical_and_match_one_worker(task_setup, tmp_path):
+    data, train_args = task_setup
     os.makedirs(tmp_path / "noisy")
     noisy = launch(str(tmp_path / "noisy"), train_args(data, *COMPARABLE), world_size=2)
     # noise drawn on worker 0 only, then all-reduced: the same parameters everywhere

@@ -96,11 +96,39 @@ def small(tokens):
     return tokens
 
 
+def write_e2e_csv(out_dir, n_train, n_dev):
+    """E2E NLG's CSV layout (header ``mr,ref``; quoted fields with commas)."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, n in (("trainset.csv", n_train), ("devset.csv", n_dev)):
+        with open(os.path.join(out_dir, name), "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["mr", "ref"])
+            for i in range(n):
+                food, area = rng.choice(["Thai", "Italian", "French"]), rng.choice(["riverside", "city centre"])
+                writer.writerow([f"name[The Vaults {i}], food[{food}], area[{area}]",
+                                 f"The Vaults {i} serves {food} food in the {area}."])
+
+
+def write_random_gpt2(out_dir):
+    """A HuggingFace GPT-2 directory of GPT-2 small's shape with random weights
+    (no GPT-2 weights are available offline), for the README's GPT-2 recipes."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(out_dir)
+
+
 class Workspace:
     def __init__(self, path):
         self.path = str(path)
         os.symlink(os.path.join(REPO, "fairseq_dp"), os.path.join(self.path, "fairseq_dp"))
         write_sentiment_tsv(os.path.join(self.path, "glue_data", "SST-2"), 300, 24, seed=1)
+        write_e2e_csv(os.path.join(self.path, "e2e"), 64, 16)
+        write_random_gpt2(os.path.join(self.path, "gpt2"))
         self.env = dict(
             os.environ,
             # the venv's console scripts and python; this checkout's fairseq_dp
