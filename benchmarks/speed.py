@@ -43,6 +43,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -819,7 +820,7 @@ def main(argv=None) -> None:
     print(f"settings: {dataclasses.asdict(settings)}", flush=True)
     start = time.time()
     header = {
-        "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.speed " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
