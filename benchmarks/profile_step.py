@@ -2,7 +2,7 @@
 """Where one method's update spends its time: torch.profiler's operator table
 for a few updates of a ``benchmarks.speed`` row, built exactly as there.
 
-``python -m benchmarks.profile_step rgp_r1 [--preset minilm] [--batch 32] [--seq-len 64]``
+``python -m benchmarks.profile_step rgp_r1 [--preset minilm|gpt2-cpu|...] [--batch 32] [--seq-len 64]``
 """
 
 import argparse
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = Settings(preset=args.preset, warmup=2, steps=args.steps, device=device.type,
                         threads=torch.get_num_threads(), **values)
-    step, _ = method_builder(args.method)(settings, device, PeakMemory(device))
+    step, _ = method_builder(args.method, settings.kind)(settings, device, PeakMemory(device))
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

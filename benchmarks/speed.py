@@ -1,13 +1,19 @@
 # Copyright (c) fairseq_dp contributors. MIT license.
 """Seconds per update and peak memory of non-private, RGP and peer DP training.
 
-``python -m benchmarks.speed [--preset minilm|roberta-base] [--quick] [--json PATH]``
+``python -m benchmarks.speed [--preset minilm|roberta-base|gpt2-cpu|gpt2-small] [--quick] [--json PATH]``
 
 Every method trains the same model shape on the same synthetic batch (fixed
 batch size and sequence length, no padding), and every update is a complete
 one, as users get it: for the fairseq rows, fairseq's own ``Trainer.train_step``
 (forward, backward, the DP step where there is one, gradient norm, optimizer
 step); for Opacus, forward, backward, ``DPOptimizer.step``.
+
+Two kinds of preset: sentence classification (``minilm``, ``roberta-base``:
+RoBERTa encoders, ``sentence_prediction``) and causal language modeling
+(``gpt2-cpu``, ``gpt2-small``: fairseq's ``transformer_lm`` in GPT-2's shape,
+``language_modeling`` / ``dp_language_modeling``, every token of every example
+in the loss). Each kind has its own rows (``METHODS``, ``LM_METHODS``).
 
 How it measures:
 
@@ -32,24 +38,46 @@ as skipped, with the reason.
 import argparse
 import atexit
 import dataclasses
+import datetime
 import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "nonprivate_full"
-SST2_TRAIN_SIZE = 67_349  # sets RGP's sampling rate; it does not change the cost
+# training-set sizes that set the DP rows' sampling rate q (it does not change the cost)
+SST2_TRAIN_SIZE = 67_349
+E2E_TRAIN_SIZE = 42_061
+
+CLASSIFICATION, LM = "classification", "lm"
+# GPT-2's dictionary in fairseq's layout (fairseq-dp-prepare-lm): fairseq's 4
+# specials, then GPT-2 ids 0..50255 (its <|endoftext|> is fairseq's </s>)
+GPT2_DICT_SIZE = 50_260
+GPT2_POSITIONS = 1024
 
 PRESETS = {
     # all-MiniLM-L6-v2 sizes (the project's CPU model)
-    "minilm": dict(layers=6, hidden=384, heads=12, ffn=1536, vocab=30522, batch=32, seq_len=64),
-    "roberta-base": dict(layers=12, hidden=768, heads=12, ffn=3072, vocab=50265, batch=32, seq_len=128),
+    "minilm": dict(kind=CLASSIFICATION, layers=6, hidden=384, heads=12, ffn=1536, vocab=30522, batch=32,
+                   seq_len=64),
+    "roberta-base": dict(kind=CLASSIFICATION, layers=12, hidden=768, heads=12, ffn=3072, vocab=50265,
+                         batch=32, seq_len=128),
+    # a GPT-2-shaped LM small enough for 2 CPU cores, with GPT-2's full
+    # vocabulary (the output layer is a large share of an LM's cost)
+    "gpt2-cpu": dict(kind=LM, layers=4, hidden=256, heads=4, ffn=1024, vocab=GPT2_DICT_SIZE, batch=8,
+                     seq_len=64),
+    # OpenAI's GPT-2 small (124M); batch 16 x 100 tokens is private-transformers'
+    # E2E setting (16 examples per device and step, 64 accumulated, max_len 100)
+    "gpt2-small": dict(kind=LM, layers=12, hidden=768, heads=12, ffn=3072, vocab=GPT2_DICT_SIZE, batch=16,
+                       seq_len=100),
 }
 QUICK = dict(batch=8, seq_len=32, warmup=2, steps=5)
 
@@ -72,6 +100,8 @@ class Settings:
     noise_multiplier: float = 1.0
     lr: float = 1e-5
     seed: int = 1
+    # which rows and which fairseq task: CLASSIFICATION or LM (from the preset)
+    kind: str = CLASSIFICATION
 
 
 # --------------------------------------------------------------- memory
@@ -160,6 +190,43 @@ def _write_fairseq_dicts(s: Settings) -> str:
     return data
 
 
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _trainer_step(task, trainer, sample, device) -> Callable[[], dict]:
+    """One complete update through fairseq's ``Trainer.train_step``; for our
+    DP tasks also the time RGP's power iteration took within it."""
+    extras: Dict[str, float] = {}
+
+    def time_power_iteration(dp_trainer):
+        """Instrumentation of our own DP trainer's carrier schedule, for the
+        power-iteration share; looked up at every update since the task
+        builds its trainer at the first update (and may build a new one)."""
+        carriers = getattr(dp_trainer, "carriers", None)
+        if carriers is None or not carriers.modules or hasattr(carriers, "_bench_timed"):
+            return
+        compute = carriers.compute
+
+        def timed_compute(update_num):
+            _synchronize(device)
+            start = time.perf_counter()
+            compute(update_num)
+            _synchronize(device)
+            extras["power_iteration_seconds"] = time.perf_counter() - start
+
+        carriers.compute = timed_compute
+        carriers._bench_timed = True
+
+    def step():
+        extras.clear()
+        time_power_iteration(getattr(task, "dp_trainer", None))
+        trainer.train_step([sample])
+        return dict(extras)
+
+    return step
+
+
 def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bool = False):
     """A row trained by fairseq's ``Trainer``: plain ``sentence_prediction`` when
     ``dp_args`` is None, else ``dp_sentence_prediction`` with those flags."""
@@ -218,36 +285,7 @@ def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bo
             "net_input": {"src_tokens": tokens, "src_lengths": torch.full((s.batch,), s.seq_len)},
             "target": labels,
         }
-
-        extras: Dict[str, float] = {}
-
-        def time_power_iteration(dp_trainer):
-            """Instrumentation of our own DP trainer's carrier schedule, for the
-            power-iteration share; looked up at every update since the task
-            builds its trainer at the first update (and may build a new one)."""
-            carriers = getattr(dp_trainer, "carriers", None)
-            if carriers is None or not carriers.modules or hasattr(carriers, "_bench_timed"):
-                return
-            compute = carriers.compute
-
-            def timed_compute(update_num):
-                _synchronize(device)
-                start = time.perf_counter()
-                compute(update_num)
-                _synchronize(device)
-                extras["power_iteration_seconds"] = time.perf_counter() - start
-
-            carriers.compute = timed_compute
-            carriers._bench_timed = True
-
-        def step():
-            extras.clear()
-            time_power_iteration(getattr(task, "dp_trainer", None))
-            trainer.train_step([sample])
-            return dict(extras)
-
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return step, {"trainable_parameters": trainable}
+        return _trainer_step(task, trainer, sample, device), {"trainable_parameters": _trainable(model)}
 
     return build
 
@@ -295,6 +333,169 @@ def opacus_full(s: Settings, device, memory: PeakMemory):
     return step, {"trainable_parameters": sum(p.numel() for p in params)}
 
 
+# --------------------------------------------------------------- LM methods
+def _write_lm_dict(s: Settings) -> str:
+    """A dp_language_modeling / language_modeling data directory with just
+    the dictionary (the rows are fed their batch directly): ``s.vocab - 4``
+    lines ``"{i} 1"`` as ``fairseq-dp-prepare-lm`` writes GPT-2's (GPT-2 ids as
+    decimal strings), after which fairseq's 4 specials make ``s.vocab`` rows."""
+    data = tempfile.mkdtemp(prefix="fairseq_dp_bench_lm_")
+    atexit.register(shutil.rmtree, data, ignore_errors=True)
+    with open(os.path.join(data, "dict.txt"), "w") as f:
+        f.writelines(f"{i} 1\n" for i in range(s.vocab - 4))
+    return data
+
+
+def _lm_batch(s: Settings, eos: int, generator):
+    """Plain-text examples as ``dp_language_modeling`` collates them: the item
+    is ``tokens + [eos]`` (``seq_len`` tokens in all, no padding), the input
+    ``[eos] + item[:-1]``, the target the item, every position in the loss."""
+    import torch
+
+    item = torch.randint(4, s.vocab, (s.batch, s.seq_len), generator=generator)
+    item[:, -1] = eos
+    source = torch.cat([torch.full((s.batch, 1), eos), item[:, :-1]], dim=1)
+    return source, item
+
+
+def gpt2_shape_flags(s: Settings) -> List[str]:
+    """fairseq ``transformer_lm`` flags for GPT-2's shape at the preset's sizes.
+    ``--decoder-input-dim`` / ``--decoder-output-dim`` always: fairseq's command
+    line otherwise makes them 512 whatever ``--decoder-embed-dim`` is (and adds
+    projection matrices GPT-2 does not have)."""
+    return [
+        "--decoder-layers", str(s.layers), "--decoder-embed-dim", str(s.hidden),
+        "--decoder-input-dim", str(s.hidden), "--decoder-output-dim", str(s.hidden),
+        "--decoder-ffn-embed-dim", str(s.ffn), "--decoder-attention-heads", str(s.heads),
+        "--decoder-learned-pos", "--no-scale-embedding", "--activation-fn", "gelu_accurate",
+        "--decoder-normalize-before", "--dropout", "0.1", "--attention-dropout", "0.1",
+        "--tokens-per-sample", str(s.seq_len), "--max-target-positions", str(max(GPT2_POSITIONS, s.seq_len)),
+    ]
+
+
+def lm_method(arch: str, dp_args: Optional[List[str]] = None, tied: bool = True,
+              model_args: Optional[List[str]] = None):
+    """A causal-LM row trained by fairseq's ``Trainer``: fairseq's own
+    ``language_modeling`` task and ``cross_entropy`` criterion when ``dp_args``
+    is None, else ``dp_language_modeling`` (task and criterion) with those
+    flags. ``tied``: the output projection shares the token embedding (GPT-2);
+    ``model_args``: the architecture's own flags (LoRA's, RGP's)."""
+
+    def build(s: Settings, device, memory: PeakMemory):
+        import torch
+        from fairseq import options, tasks
+        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+        from fairseq.models import ARCH_MODEL_REGISTRY
+        from fairseq.trainer import Trainer
+
+        import fairseq_dp
+
+        if arch not in ARCH_MODEL_REGISTRY:
+            raise MethodUnavailable(f"--arch {arch} is not registered in this checkout")
+        private = dp_args is not None
+        argv = [
+            _write_lm_dict(s), "--user-dir", os.path.dirname(fairseq_dp.__file__),
+            "--task", "dp_language_modeling" if private else "language_modeling",
+            "--criterion", "dp_language_modeling" if private else "cross_entropy",
+            "--arch", arch, *gpt2_shape_flags(s),
+            *(["--share-decoder-input-output-embed"] if tied else []), *(model_args or []),
+            "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(s.lr),
+            "--lr-scheduler", "fixed", "--clip-norm", "0", "--batch-size", str(s.batch),
+            "--seed", str(s.seed), "--num-workers", "0",
+        ]
+        if device.type == "cpu":
+            argv.append("--cpu")
+        if private:
+            argv += ["--dp-clip-norm", str(s.clip_norm), "--dp-noise-multiplier",
+                     str(s.noise_multiplier), *dp_args]
+        cfg = convert_namespace_to_omegaconf(
+            options.parse_args_and_arch(options.get_training_parser(), argv)
+        )
+        torch.manual_seed(s.seed)
+        task = tasks.setup_task(cfg.task)
+        memory.start()
+        model = task.build_model(cfg.model)
+        criterion = task.build_criterion(cfg.criterion)
+        decoder = model.decoder
+        if tied != (decoder.output_projection.weight is decoder.embed_tokens.weight):
+            raise RuntimeError(f"{arch}: the output projection is {'not ' if tied else ''}tied "
+                               "to the token embedding, against this row's definition")
+        if private:
+            task.configure_privacy(E2E_TRAIN_SIZE)
+        trainer = Trainer(cfg, task, model, criterion)
+
+        source, target = _lm_batch(s, task.source_dictionary.eos(), torch.Generator().manual_seed(s.seed))
+        sample = {
+            "id": torch.arange(s.batch),
+            "nsentences": s.batch,
+            "ntokens": s.batch * s.seq_len,
+            "net_input": {"src_tokens": source, "src_lengths": torch.full((s.batch,), s.seq_len)},
+            "target": target,
+        }
+        return _trainer_step(task, trainer, sample, device), {"trainable_parameters": _trainable(model)}
+
+    return build
+
+
+def opacus_lm(grad_sample_mode: str):
+    """Opacus 1.6 ``PrivacyEngine.make_private`` on :class:`PreLNCausalLM`
+    (``opacus_lm.py``), every parameter trained as in ``dp_full_ghost``, with
+    ``grad_sample_mode`` ``"ghost"`` (ghost clipping: two backward passes,
+    ghost norms for Linear and Embedding, per-example gradients of the
+    LayerNorms) or ``"hooks"`` (per-example gradients of every parameter).
+    Same batch, Adam, σ and C as the DP rows; an example's loss is the sum
+    over its tokens (``loss_reduction="sum"``), as in ``dp_language_modeling``.
+    ``poisson_sampling=False``: the loader is only there because
+    ``make_private`` wants one; every update gets the same fixed batch."""
+
+    def build(s: Settings, device, memory: PeakMemory):
+        import torch
+        from opacus import PrivacyEngine
+
+        from .opacus_lm import PreLNCausalLM
+
+        torch.manual_seed(s.seed)
+        memory.start()
+        model = PreLNCausalLM(
+            vocab=s.vocab, max_positions=max(GPT2_POSITIONS, s.seq_len), layers=s.layers,
+            hidden=s.hidden, heads=s.heads, ffn=s.ffn,
+        ).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, betas=(0.9, 0.98))
+        source, target = _lm_batch(s, 2, torch.Generator().manual_seed(s.seed))
+        source, target = source.to(device), target.to(device)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(source, target), batch_size=s.batch)
+        criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+        private = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            noise_multiplier=s.noise_multiplier, max_grad_norm=s.clip_norm, loss_reduction="sum",
+            poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+        )
+        if grad_sample_mode == "ghost":
+            # make_private returns (model, optimizer, criterion, loader) in this mode:
+            # the criterion wraps the two backward passes into loss.backward()
+            model, optimizer, criterion, _ = private
+        else:
+            model, optimizer, _ = private
+        shape = (s.batch, s.seq_len)
+
+        def step():
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(source)
+            if grad_sample_mode == "ghost":
+                # shape: the per-token losses are summed per example (the privacy unit)
+                loss = criterion(logits.reshape(-1, s.vocab), target.reshape(-1), shape=shape)
+            else:
+                loss = criterion(logits.reshape(-1, s.vocab), target.reshape(-1))
+            loss.backward()
+            optimizer.step()
+            return {}
+
+        return step, {"trainable_parameters": _trainable(model)}
+
+    return build
+
+
 METHODS: Dict[str, Callable] = {
     "nonprivate_full": fairseq_method("roberta"),
     "nonprivate_head": fairseq_method("roberta", head_only=True),
@@ -305,11 +506,35 @@ METHODS: Dict[str, Callable] = {
     "opacus_full": opacus_full,
 }
 
+# DP-LoRA as Yu et al.'s GPT-2 recipe: rank 4, alpha 32, adapters on q and v
+LM_LORA_ARGS = ["--lora-rank", "4", "--lora-alpha", "32", "--lora-targets", "q,v"]
+LM_METHODS: Dict[str, Callable] = {
+    # GPT-2 as users train it without privacy: output projection tied to the embedding
+    "nonprivate_full": lm_method("transformer_lm"),
+    # the model of dp_full_ghost and the Opacus rows without privacy: its own
+    # output weight (vocab x hidden more parameters, gradients, Adam state)
+    "nonprivate_full_untied": lm_method("transformer_lm", tied=False),
+    "nonprivate_lora": lm_method("transformer_lm_lora", model_args=[*LM_LORA_ARGS, "--non-private-baseline"]),
+    "dp_lora": lm_method("transformer_lm_lora", [], model_args=LM_LORA_ARGS),
+    "dp_full_ghost": lm_method("transformer_lm", ["--dp-clipping", "ghost"], tied=False),
+    "rgp_r1": lm_method("transformer_lm_rgp", [], model_args=["--rgp-rank", "1"]),
+    "rgp_r8": lm_method("transformer_lm_rgp", [], model_args=["--rgp-rank", "8"]),
+    "opacus_ghost": opacus_lm("ghost"),
+    "opacus_hooks": opacus_lm("hooks"),
+}
 
-def method_builder(name: str) -> Callable:
-    if name in METHODS:
-        return METHODS[name]
+
+def methods_of(kind: str) -> Dict[str, Callable]:
+    return LM_METHODS if kind == LM else METHODS
+
+
+def method_builder(name: str, kind: str = CLASSIFICATION) -> Callable:
+    table = methods_of(kind)
+    if name in table:
+        return table[name]
     if name.startswith("rgp_r") and name[5:].isdigit():  # --ranks beyond 1 and 8
+        if kind == LM:
+            return lm_method("transformer_lm_rgp", [], model_args=["--rgp-rank", name[5:]])
         return fairseq_method("roberta_rgp", ["--rgp-rank", name[5:]])
     raise KeyError(name)
 
@@ -328,7 +553,7 @@ def _worker(conn, name: str, settings: Settings) -> None:
     device = torch.device(settings.device)
     memory = PeakMemory(device)
     try:
-        step, info = method_builder(name)(settings, device, memory)
+        step, info = method_builder(name, settings.kind)(settings, device, memory)
     except MethodUnavailable as e:
         conn.send(("unavailable", str(e)))
         return
@@ -341,12 +566,27 @@ def _worker(conn, name: str, settings: Settings) -> None:
         if command == "step":
             _synchronize(device)
             start = time.perf_counter()
-            extras = step()
+            try:
+                extras = step()
+            except Exception as e:  # e.g. out of memory: the other rows go on
+                conn.send(("failed", f"{type(e).__name__}: {e}"))
+                return
             _synchronize(device)
             conn.send((time.perf_counter() - start, extras))
         elif command == "finish":
             conn.send({"peak_memory_bytes": memory.peak_bytes(), "memory_exact": memory.exact})
             return
+
+
+def commit() -> str:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it."""
+    try:
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
 
 
 def machine_description(settings: Settings) -> dict:
@@ -414,15 +654,29 @@ def run(settings: Settings, methods: List[str], log=print) -> dict:
     for round_index in range(total_rounds):
         # rotate the order so no method always runs right after the same one
         shift = round_index % max(len(active), 1)
-        this_round = {}
+        this_round, failed = {}, []
         for name in active[shift:] + active[:shift]:
-            conn = workers[name][1]
+            proc, conn = workers[name]
             conn.send("step")
-            seconds, extra = conn.recv()
+            try:
+                seconds, extra = conn.recv()
+            except EOFError:  # killed in the step (out of memory, a crash in native code)
+                proc.join()
+                seconds, extra = "failed", f"the worker process exited with code {proc.exitcode}"
+            if seconds == "failed":
+                notes[name] = f"failed in update {round_index + 1}: {extra}"
+                log(f"dropped {name}: {notes[name]}")
+                failed.append(name)
+                continue
             this_round[name] = seconds
             if round_index >= settings.warmup:
                 times[name].append(seconds)
                 extras[name].append(extra)
+        for name in failed:
+            workers[name][0].join()
+            active.remove(name)
+            del times[name], extras[name]
+            rows.pop(name)
         warmup = " (warm-up)" if round_index < settings.warmup else ""
         log(f"round {round_index + 1}/{total_rounds}{warmup}: "
             + ", ".join(f"{n} {this_round[n]:.3f}s" for n in active))
@@ -466,11 +720,11 @@ def run(settings: Settings, methods: List[str], log=print) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{'method':<16} {'s/update':>9} {'ex/s':>8} {'peak MiB':>9} {'time x':>7} {'mem x':>7}  note",
+        f"{'method':<22} {'s/update':>9} {'ex/s':>8} {'peak MiB':>9} {'time x':>7} {'mem x':>7}  note",
     ]
     for row in result["rows"]:
         if "skipped" in row:
-            lines.append(f"{row['method']:<16} {'-':>9} {'-':>8} {'-':>9} {'-':>7} {'-':>7}  skipped: {row['skipped']}")
+            lines.append(f"{row['method']:<22} {'-':>9} {'-':>8} {'-':>9} {'-':>7} {'-':>7}  skipped: {row['skipped']}")
             continue
 
         def ratio(v):
@@ -480,7 +734,7 @@ def format_table(result: dict) -> str:
         if "power_iteration_fraction" in row:
             note = f"power iteration {100 * row['power_iteration_fraction']:.1f}% of the update"
         lines.append(
-            f"{row['method']:<16} {row['seconds_per_update']:>9.3f} {row['examples_per_second']:>8.1f} "
+            f"{row['method']:<22} {row['seconds_per_update']:>9.3f} {row['examples_per_second']:>8.1f} "
             f"{row['peak_memory_bytes'] / 2**20:>9.0f} {ratio(row['time_ratio']):>7} "
             f"{ratio(row['memory_ratio']):>7}  {note}"
         )
@@ -493,8 +747,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "fine-tuning on the same model shape and batch.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="minilm",
-                        help="model shape and default batch: minilm (6 x 384, the CPU default) "
-                        "or roberta-base (12 x 768, for a GPU)")
+                        help="model shape, task and default batch: minilm (RoBERTa 6 x 384, "
+                        "sentence classification, the CPU default), roberta-base (12 x 768, for a GPU), "
+                        "gpt2-cpu (causal LM in GPT-2's shape, 4 x 256, GPT-2's vocabulary, batch "
+                        "8 x 64, for a CPU) or gpt2-small (GPT-2 small, 12 x 768, batch 16 x 100, "
+                        "for a GPU)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small batch and few steps ({QUICK}), one thread unless --threads; "
                         "under a minute on 2 CPU cores")
@@ -504,11 +761,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="measured updates per method (default 5, at least 5)")
     parser.add_argument("--ranks", type=int, nargs="+",
                         help="RGP ranks, one row rgp_r<rank> each (default 1 8)")
-    parser.add_argument("--methods", nargs="+", help="only these rows (nonprivate_full is always run)")
+    parser.add_argument("--methods", nargs="+",
+                        help="only these rows (nonprivate_full is always run); the preset's kind "
+                        f"decides which exist: classification {list(METHODS)}, language model "
+                        f"{list(LM_METHODS)}")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int,
                         help="torch threads per worker (default: all cores; 1 with --quick)")
-    parser.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write every figure, the command, the commit and the machine description here")
+    parser.add_argument("--note", help="free text kept in the JSON (e.g. what the checkout had that "
+                        "its commit does not say)")
     return parser.parse_args(argv)
 
 
@@ -528,6 +791,8 @@ def settings_from_args(args) -> Settings:
         raise SystemExit("--warmup must be >= 0")
     if values["hidden"] % values["heads"]:
         raise SystemExit("--hidden must be a multiple of --heads")
+    if values["vocab"] < 8:
+        raise SystemExit("--vocab must be at least 8 (the dictionary's 4 or 5 special symbols come first)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # one thread for --quick: on a shared machine, several threads per worker on
     # busy cores wait on each other and a one-minute smoke test takes several
@@ -539,8 +804,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     settings = settings_from_args(args)
     ranks = args.ranks or [1, 8]
+    table = methods_of(settings.kind)
     methods = []
-    for name in METHODS:
+    for name in table:
         if name == "rgp_r1":  # the RGP rows go where rgp_r1 is in the table
             methods += [f"rgp_r{rank}" for rank in ranks]
         elif not name.startswith("rgp_r"):
@@ -548,11 +814,19 @@ def main(argv=None) -> None:
     if args.methods:
         unknown = set(args.methods) - set(methods)
         if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
+            raise SystemExit(f"unknown methods {sorted(unknown)} for --preset {settings.preset}; "
+                             f"known: {methods}")
         methods = [m for m in methods if m in args.methods or m == BASELINE]
     print(f"settings: {dataclasses.asdict(settings)}", flush=True)
     start = time.time()
-    result = run(settings, methods, log=lambda line: print(line, flush=True))
+    header = {
+        "command": "python -m benchmarks.speed " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.note:
+        header["note"] = args.note
+    result = {**header, **run(settings, methods, log=lambda line: print(line, flush=True))}
     result["machine"]["wall_seconds"] = round(time.time() - start, 1)
     print()
     print(format_table(result))
