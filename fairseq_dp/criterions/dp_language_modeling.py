@@ -51,10 +51,16 @@ class DPLanguageModelingCriterion(PrivacyReportMixin, FairseqCriterion):
         else:
             lprobs = model.get_normalized_probs(net_output, log_probs=True)
         target = sample["target"]
-        loss, nll_loss = label_smoothed_nll_loss(
-            lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps,
-            ignore_index=self.padding_idx, reduce=reduce,
-        )
+        if self.eps == 0:
+            # without smoothing, its term (a sum over every log-probability) is skipped
+            nll_loss = F.nll_loss(lprobs.view(-1, lprobs.size(-1)), target.view(-1),
+                                  ignore_index=self.padding_idx, reduction="sum" if reduce else "none")
+            loss = nll_loss
+        else:
+            loss, nll_loss = label_smoothed_nll_loss(
+                lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps,
+                ignore_index=self.padding_idx, reduce=reduce,
+            )
         ntokens = sample["ntokens"]
         logging_output = {
             "loss": loss.data,
