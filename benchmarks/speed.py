@@ -227,14 +227,40 @@ def _trainer_step(task, trainer, sample, device) -> Callable[[], dict]:
     return step
 
 
+def build_fairseq_run(argv: List[str], s: "Settings", device, memory: "PeakMemory", private: bool,
+                      dp_args: Optional[List[str]]):
+    """(cfg, task, model, criterion) of a fairseq command line plus the settings
+    every fairseq row shares (optimizer, batch, seed, device, DP clip and σ);
+    peak memory counts from just before the model is built."""
+    import torch
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = argv + [
+        "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(s.lr),
+        "--lr-scheduler", "fixed", "--clip-norm", "0", "--batch-size", str(s.batch),
+        "--seed", str(s.seed), "--num-workers", "0",
+    ]
+    if device.type == "cpu":
+        argv.append("--cpu")
+    if private:
+        argv += ["--dp-clip-norm", str(s.clip_norm), "--dp-noise-multiplier",
+                 str(s.noise_multiplier), *(dp_args or [])]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    torch.manual_seed(s.seed)
+    task = tasks.setup_task(cfg.task)
+    memory.start()
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
 def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bool = False):
     """A row trained by fairseq's ``Trainer``: plain ``sentence_prediction`` when
     ``dp_args`` is None, else ``dp_sentence_prediction`` with those flags."""
 
     def build(s: Settings, device, memory: PeakMemory):
         import torch
-        from fairseq import options, tasks
-        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
         from fairseq.models import ARCH_MODEL_REGISTRY
         from fairseq.trainer import Trainer
 
@@ -251,23 +277,8 @@ def fairseq_method(arch: str, dp_args: Optional[List[str]] = None, head_only: bo
             "--encoder-ffn-embed-dim", str(s.ffn), "--encoder-attention-heads", str(s.heads),
             "--num-classes", "2", "--max-positions", str(max(512, s.seq_len)),
             "--init-token", "0", "--separator-token", "2",
-            "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(s.lr),
-            "--lr-scheduler", "fixed", "--clip-norm", "0", "--batch-size", str(s.batch),
-            "--seed", str(s.seed), "--num-workers", "0",
         ]
-        if device.type == "cpu":
-            argv.append("--cpu")
-        if private:
-            argv += ["--dp-clip-norm", str(s.clip_norm), "--dp-noise-multiplier",
-                     str(s.noise_multiplier), *dp_args]
-        cfg = convert_namespace_to_omegaconf(
-            options.parse_args_and_arch(options.get_training_parser(), argv)
-        )
-        torch.manual_seed(s.seed)
-        task = tasks.setup_task(cfg.task)
-        memory.start()
-        model = task.build_model(cfg.model)
-        criterion = task.build_criterion(cfg.criterion)
+        cfg, task, model, criterion = build_fairseq_run(argv, s, device, memory, private, dp_args)
         if head_only:
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith("classification_heads."))
@@ -383,8 +394,6 @@ def lm_method(arch: str, dp_args: Optional[List[str]] = None, tied: bool = True,
 
     def build(s: Settings, device, memory: PeakMemory):
         import torch
-        from fairseq import options, tasks
-        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
         from fairseq.models import ARCH_MODEL_REGISTRY
         from fairseq.trainer import Trainer
 
@@ -399,23 +408,8 @@ def lm_method(arch: str, dp_args: Optional[List[str]] = None, tied: bool = True,
             "--criterion", "dp_language_modeling" if private else "cross_entropy",
             "--arch", arch, *gpt2_shape_flags(s),
             *(["--share-decoder-input-output-embed"] if tied else []), *(model_args or []),
-            "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(s.lr),
-            "--lr-scheduler", "fixed", "--clip-norm", "0", "--batch-size", str(s.batch),
-            "--seed", str(s.seed), "--num-workers", "0",
         ]
-        if device.type == "cpu":
-            argv.append("--cpu")
-        if private:
-            argv += ["--dp-clip-norm", str(s.clip_norm), "--dp-noise-multiplier",
-                     str(s.noise_multiplier), *dp_args]
-        cfg = convert_namespace_to_omegaconf(
-            options.parse_args_and_arch(options.get_training_parser(), argv)
-        )
-        torch.manual_seed(s.seed)
-        task = tasks.setup_task(cfg.task)
-        memory.start()
-        model = task.build_model(cfg.model)
-        criterion = task.build_criterion(cfg.criterion)
+        cfg, task, model, criterion = build_fairseq_run(argv, s, device, memory, private, dp_args)
         decoder = model.decoder
         if tied != (decoder.output_projection.weight is decoder.embed_tokens.weight):
             raise RuntimeError(f"{arch}: the output projection is {'not ' if tied else ''}tied "

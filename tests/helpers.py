@@ -98,3 +98,69 @@ def lm_train_args(data, *extra, model=TINY_LM, noise=("--dp-noise-multiplier", "
         "--seed", "1", "--num-workers", "0", "--dp-clip-norm", "1.0", "--dp-delta", "1e-3",
         *noise, *extra,
     ]
+
+
+# ------------------------------------------------- the shared per-example oracle
+def per_example_oracle(model0, criterion, task, samples, clip, expected_batch, carriers=None):
+    """Σ_i clip(g_i) / B, every example of ``samples`` run alone through a copy
+    of ``model0`` with autograd: g_i is the gradient of the example's loss for
+    every trainable parameter or, for an RGP matrix (a LowRankLinear named in
+    ``carriers`` with its carriers (L, R)), its carrier gradients G_i Rᵀ and
+    Lᵀ G_i, whose clipped sums are projected back as the DP step does.
+    Returns (gradients by parameter name, per-example norms)."""
+    import copy
+
+    from fairseq_dp.modules import LowRankLinear
+
+    carriers = carriers or {}
+    model = copy.deepcopy(model0).train()
+    named = dict(model.named_modules())
+    for module in named.values():
+        if isinstance(module, LowRankLinear):
+            module.clear_carriers()  # the plain nn.Linear path: autograd forms G_i
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def carried(name):
+        return name.rpartition(".")[0] in carriers and name.endswith(".weight")
+
+    total, norms = {}, []
+    for one in each_example(task, samples):
+        model.zero_grad()
+        loss, _, _ = criterion(model, one)
+        loss.backward()
+        privatized = {}
+        for name, param in trainable:
+            grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+            if carried(name):
+                module_name = name.rpartition(".")[0]
+                L, R = carriers[module_name]
+                privatized[module_name + ".left"] = grad @ R.t()
+                privatized[module_name + ".right"] = L.t() @ grad
+            else:
+                privatized[name] = grad
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in privatized.values()))
+        norms.append(norm)
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        for k, v in privatized.items():
+            total[k] = total.get(k, 0) + factor * v
+    grads = {}
+    for name, param in trainable:
+        if carried(name):
+            module_name = name.rpartition(".")[0]
+            L, R = carriers[module_name]
+            dL, dR = total[module_name + ".left"], total[module_name + ".right"]
+            grads[name] = (L @ dR + dL @ R - L @ L.t() @ dL @ R) / expected_batch
+        else:
+            grads[name] = total[name] / expected_batch
+    return grads, torch.stack(norms)
+
+
+def randomize_lora_b(model, std=0.1):
+    """LoRA's B starts at 0, which would make every ∇A zero: a test of the
+    adapters' gradients needs B ≠ 0."""
+    from fairseq_dp.modules import LoRALinear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(std=std)

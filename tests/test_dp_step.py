@@ -12,7 +12,7 @@ from fairseq.trainer import Trainer
 from fairseq_dp.carriers import CarrierSchedule
 from fairseq_dp.modules import LowRankLinear
 
-from helpers import batch, build, data_dir, each_example, task_step_grads, train_args
+from helpers import batch, build, data_dir, per_example_oracle, task_step_grads, train_args
 
 B_MICRO, UPDATE_FREQ = 4, 2
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
@@ -40,43 +40,7 @@ def make(data, sigma, rank=2, clip=1.0, dtype=torch.float64, extra=()):
 def oracle_update(model0, criterion, task, samples, carriers, clip):
     """Σ_i clip(g_i) / B with every example run alone through the plain model,
     where g_i are the carrier gradients G_i Rᵀ, Lᵀ G_i and the head gradients."""
-    model = copy.deepcopy(model0).train()
-    named = dict(model.named_modules())
-    for module in named.values():
-        if isinstance(module, LowRankLinear):
-            module.clear_carriers()  # the plain nn.Linear path: autograd forms G_i
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    total, norms = {}, []
-    for one in each_example(task, samples):
-        model.zero_grad()
-        loss, _, _ = criterion(model, one)
-        loss.backward()
-        privatized = {}
-        for name, param in trainable:
-            module_name, _, leaf = name.rpartition(".")
-            module = named[module_name]
-            if isinstance(module, LowRankLinear):
-                L, R = carriers[module_name]
-                privatized[module_name + ".left"] = param.grad @ R.t()
-                privatized[module_name + ".right"] = L.t() @ param.grad
-            else:
-                privatized[name] = param.grad.clone()
-        norm = torch.sqrt(sum(v.pow(2).sum() for v in privatized.values()))
-        norms.append(norm)
-        factor = min(1.0, clip / (norm.item() + 1e-6))
-        for k, v in privatized.items():
-            total[k] = total.get(k, 0) + factor * v
-    grads = {}
-    expected_batch = B_MICRO * UPDATE_FREQ
-    for name, param in trainable:
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in carriers:
-            L, R = carriers[module_name]
-            dL, dR = total[module_name + ".left"], total[module_name + ".right"]
-            grads[name] = (L @ dR + dL @ R - L @ L.t() @ dL @ R) / expected_batch
-        else:
-            grads[name] = total[name] / expected_batch
-    return grads, torch.stack(norms)
+    return per_example_oracle(model0, criterion, task, samples, clip, B_MICRO * UPDATE_FREQ, carriers)
 
 
 def carriers_of(model):

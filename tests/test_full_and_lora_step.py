@@ -20,13 +20,13 @@ from fairseq.trainer import Trainer
 from fairseq_cli import train
 from omegaconf import OmegaConf
 
-from fairseq_dp.accounting import PrivacyAccountant
 from fairseq_dp.merge_lora import main as merge_lora_main
 from fairseq_dp.merge_lora import merge_lora_checkpoint
 from fairseq_dp.modules import LoRALinear
 from fairseq_dp.recording import Recorder
 
-from helpers import batch, build, data_dir, each_example, parse, task_step_grads, train_args
+from helpers import batch, build, data_dir, parse, per_example_oracle, randomize_lora_b, \
+    task_step_grads, train_args
 
 B_MICRO, UPDATE_FREQ = 4, 2
 SIZES = ["--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48",
@@ -54,10 +54,7 @@ def make(data, model, sigma=0.0, clip=1.0, dtype=torch.float64, extra=()):
     argv[argv.index("--batch-size") + 1] = str(B_MICRO)
     argv[argv.index("--optimizer") + 1] = "sgd"
     cfg, task, model, criterion = build(argv, dtype=dtype)
-    with torch.no_grad():  # B = 0 at initialization would make every ∇A zero
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_B.normal_(std=0.1)
+    randomize_lora_b(model)
     return cfg, task, model, criterion
 
 
@@ -70,21 +67,7 @@ def samples_of(task):
 
 def oracle_update(model0, criterion, task, samples, clip):
     """Σ_i clip(∇ℓ_i) / B over every trainable parameter, each example alone."""
-    model = copy.deepcopy(model0).train()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    total, norms = {}, []
-    for one in each_example(task, samples):
-        model.zero_grad()
-        loss, _, _ = criterion(model, one)
-        loss.backward()
-        grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in trainable}
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-        norms.append(norm)
-        factor = min(1.0, clip / (norm.item() + 1e-6))
-        for n, g in grads.items():
-            total[n] = total.get(n, 0) + factor * g
-    expected_batch = B_MICRO * UPDATE_FREQ
-    return {n: g / expected_batch for n, g in total.items()}, torch.stack(norms)
+    return per_example_oracle(model0, criterion, task, samples, clip, B_MICRO * UPDATE_FREQ)
 
 
 

@@ -16,8 +16,8 @@ from fairseq_dp.carriers import CarrierSchedule
 from fairseq_dp.errors import DPConfigError
 from fairseq_dp.modules import LoRALinear, LowRankLinear
 
-from helpers import GPT2_SHAPE, LM_SIZES, TINY_LM, batch, build, each_example, lm_data_dir, lm_train_args, \
-    task_step_grads
+from helpers import LM_SIZES, TINY_LM, batch, build, lm_data_dir, lm_train_args, per_example_oracle, \
+    randomize_lora_b, task_step_grads
 
 B_MICRO, UPDATE_FREQ = 4, 2
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
@@ -37,10 +37,7 @@ def make(data, model=TINY_LM, sigma=0.0, dtype=torch.float64, extra=()):
     argv[argv.index("--batch-size") + 1] = str(B_MICRO)
     argv[argv.index("--optimizer") + 1] = "sgd"
     cfg, task, model, criterion = build(argv, dtype=dtype)
-    with torch.no_grad():  # B = 0 at initialization would make every ∇A zero
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_B.normal_(std=0.1)
+    randomize_lora_b(model)
     return cfg, task, model, criterion
 
 
@@ -64,46 +61,7 @@ def carriers_now(task, model):
 
 
 def oracle_update(model0, criterion, task, samples, clip, carriers):
-    """Σ_i clip(g_i) / B, every example alone through the plain model: g_i is
-    autograd's gradient of the example's loss for every trainable parameter,
-    or for an RGP matrix its carrier gradients G_i Rᵀ and Lᵀ G_i."""
-    model = copy.deepcopy(model0).train()
-    named = dict(model.named_modules())
-    for module in named.values():
-        if isinstance(module, LowRankLinear):
-            module.clear_carriers()  # the plain nn.Linear path: autograd forms G_i
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    total, norms = {}, []
-    for one in each_example(task, samples):
-        model.zero_grad()
-        loss, _, _ = criterion(model, one)
-        loss.backward()
-        privatized = {}
-        for name, param in trainable:
-            module_name = name.rpartition(".")[0]
-            grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-            if module_name in carriers and name.endswith(".weight"):
-                L, R = carriers[module_name]
-                privatized[module_name + ".left"] = grad @ R.t()
-                privatized[module_name + ".right"] = L.t() @ grad
-            else:
-                privatized[name] = grad
-        norm = torch.sqrt(sum(v.pow(2).sum() for v in privatized.values()))
-        norms.append(norm)
-        factor = min(1.0, clip / (norm.item() + 1e-6))
-        for k, v in privatized.items():
-            total[k] = total.get(k, 0) + factor * v
-    grads = {}
-    expected_batch = B_MICRO * UPDATE_FREQ
-    for name, param in trainable:
-        module_name = name.rpartition(".")[0]
-        if module_name in carriers and name.endswith(".weight"):
-            L, R = carriers[module_name]
-            dL, dR = total[module_name + ".left"], total[module_name + ".right"]
-            grads[name] = (L @ dR + dL @ R - L @ L.t() @ dL @ R) / expected_batch
-        else:
-            grads[name] = total[name] / expected_batch
-    return grads, torch.stack(norms)
+    return per_example_oracle(model0, criterion, task, samples, clip, B_MICRO * UPDATE_FREQ, carriers)
 
 
 def check_step(task, model, criterion, cfg):

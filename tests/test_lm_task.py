@@ -17,7 +17,7 @@ from opacus.accountants import RDPAccountant
 from fairseq_dp.errors import DPConfigError
 from fairseq_dp.trainer import PrivacyBudgetExhausted
 
-from helpers import LM_SIZES, GPT2_SHAPE, build, lm_data_dir, lm_train_args
+from helpers import build, lm_data_dir, lm_train_args
 from test_end_to_end import run_main, summary_value
 
 N_TRAIN, BATCH = 128, 8

@@ -10,7 +10,7 @@ from fairseq.criterions.sentence_prediction import (
     SentencePredictionCriterion,
 )
 
-from .privacy_report import EPSILON_AGGREGATORS, PrivacyReportMixin  # noqa: F401
+from .privacy_report import PrivacyReportMixin
 
 
 @dataclass
