@@ -136,6 +136,13 @@ def test_truncation_keeps_the_final_eos_and_refuses_prompts_that_fill_the_sample
         assert (item["target"][:dataset.loss_start[i]] == pad).all()
 
 
+def test_the_other_dp_tasks_criterion_is_refused(data):
+    argv = lm_train_args(data)
+    argv[argv.index("--criterion") + 1] = "dp_sentence_prediction"
+    with pytest.raises(DPConfigError, match="--task dp_language_modeling needs --criterion dp_language_modeling"):
+        build(argv)
+
+
 def test_lm_criterion_outside_the_dp_task_is_refused(data):
     argv = lm_train_args(data)
     argv[argv.index("dp_language_modeling")] = "language_modeling"

@@ -446,6 +446,12 @@ class DPTaskMixin:
         return self.recorder
 
     def build_criterion(self, cfg):
+        # each DP task's criterion has the task's name (its loss reads the task's batches)
+        if getattr(cfg, "_name", None) != self.cfg._name:
+            raise DPConfigError(
+                f"--task {self.cfg._name} needs --criterion {self.cfg._name}, "
+                "which reports the privacy spent"
+            )
         criterion = super().build_criterion(cfg)
         if not hasattr(criterion, "report_privacy"):
             raise DPConfigError(
