@@ -59,7 +59,11 @@ def _load(path: str) -> dict:
 
 
 def trained_by_dp_task(state: dict) -> bool:
-    """Whether a checkpoint's saved configuration is that of a DP task."""
+    """Whether a checkpoint's saved configuration is that of a DP task: its
+    task config has DP options, or (merged and exported checkpoints, whose task
+    became fairseq's own) they are kept under ``dp_task``."""
+    if state.get("dp_task"):
+        return True
     cfg = state.get("cfg")
     task = cfg.get("task") if isinstance(cfg, dict) or hasattr(cfg, "get") else None
     if task is None and state.get("args") is not None:

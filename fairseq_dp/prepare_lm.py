@@ -17,8 +17,10 @@ example, the privacy unit:
 
 DESTDIR gets ``dict.txt`` (GPT-2 ids in order after fairseq's specials; or a
 copy of ``--srcdict``), ``{split}.bin``/``{split}.idx`` (fairseq mmap indexed
-dataset), ``{split}.loss_start.npy`` (per example, the item position of the
-first token the loss covers) and ``prepare_lm.json``. Splits: ``train``;
+dataset), ``loss_start/{split}.npy`` (per example, the item position of the
+first token the loss covers; in a folder of its own, since fairseq takes every
+``valid<N>.*`` file beside the data for a validation subset) and
+``prepare_lm.json``. Splits: ``train``;
 ``valid``, ``valid1``, ... and ``test``, ``test1``, ... as fairseq-preprocess
 names several files.
 
@@ -33,10 +35,11 @@ import json
 import os
 import shutil
 import sys
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .data.lm_examples import LOSS_START_DIR, loss_start_path
 from .errors import DPConfigError
 from .gpt2_bpe import (
     FAIRSEQ_EOS,
@@ -69,12 +72,13 @@ def _lines_quoted(lines: Sequence[int]) -> str:
     return shown + (f" (and {len(lines) - SHOW_LINES} more)" if len(lines) > SHOW_LINES else "")
 
 
-def _open(path: str):
+def _open(path: str, newline: str = "\n"):
     if not os.path.isfile(path):
         raise DPConfigError(f"{path}: no such file")
     # utf-8-sig: a byte-order mark is not part of the first example;
-    # newline="": only \n ends a line (a lone \r or U+2028 inside a line is text)
-    return open(path, encoding="utf-8-sig", newline="")
+    # newline="\n": only \n ends a line (a lone \r or U+2028 inside a line is text,
+    # and \r\n is stripped by _strip_line_end); the csv module wants newline=""
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _decode_error(path: str, e: UnicodeDecodeError) -> DPConfigError:
@@ -157,7 +161,7 @@ def read_e2e(path: str, skip_empty: bool) -> Tuple[List[Record], int]:
     csv.field_size_limit(sys.maxsize)
     records, empty, bad_width, prompt_only = [], [], [], []
     try:
-        with _open(path) as f:
+        with _open(path, newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -283,7 +287,7 @@ def fit_length(
 
 
 def write_split(destdir: str, split: str, items: List[List[int]], loss_starts: List[int], vocab_size: int) -> None:
-    """``{split}.bin``/``.idx`` (mmap indexed dataset) and ``{split}.loss_start.npy``,
+    """``{split}.bin``/``.idx`` (mmap indexed dataset) and ``loss_start/{split}.npy``,
     each written under a temporary name and moved into place."""
     import torch
     from fairseq.data import indexed_dataset
@@ -295,8 +299,10 @@ def write_split(destdir: str, split: str, items: List[List[int]], loss_starts: L
     builder.finalize(tmp + ".idx")
     with open(tmp + ".loss_start.npy", "wb") as f:
         np.save(f, np.asarray(loss_starts, dtype=np.int64))
-    for suffix in (".bin", ".idx", ".loss_start.npy"):
+    for suffix in (".bin", ".idx"):
         os.replace(tmp + suffix, os.path.join(destdir, split + suffix))
+    os.makedirs(os.path.join(destdir, LOSS_START_DIR), exist_ok=True)
+    os.replace(tmp + ".loss_start.npy", loss_start_path(destdir, split))
 
 
 def split_names(prefix: str, files: Optional[Sequence[str]]) -> List[Tuple[str, str]]:

@@ -162,13 +162,16 @@ def test_prepare_lm_e2e_csv_then_train(tmp_path, caplog):
     dest = tmp_path / "bin"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "fairseq_dp.prepare_lm", "--format", "e2e", "--train", str(csv),
-                           "--valid", str(csv), "--destdir", str(dest)], capture_output=True, text=True, env=env)
+                           "--valid", str(csv), str(csv), "--destdir", str(dest)],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # two validation sets (valid, valid1), as fairseq-preprocess names them
     argv = lm_train_args(str(dest), "--max-update", "2", "--save-dir", str(tmp_path / "ck"), *LOG,
-                         "--dp-delta", "1e-3", "--batch-size", "4")
+                         "--dp-delta", "1e-3", "--batch-size", "4", "--valid-subset", "valid,valid1")
     messages = run_main(argv, caplog)
     assert summary_value(messages, "num_updates") == 2
     assert math.isfinite(summary_value(messages, "loss"))
+    assert any("valid on 'valid1' subset" in m for m in messages)
 
 
 def test_checkpoint_of_other_sizes_or_untied_gets_a_message(data):

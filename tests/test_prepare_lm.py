@@ -235,7 +235,7 @@ def read_back(destdir, split):
     d = Dictionary.load(os.path.join(destdir, "dict.txt"))
     ds = data_utils.load_indexed_dataset(os.path.join(destdir, split), d, dataset_impl="mmap")
     items = [ds[i].tolist() for i in range(len(ds))]
-    return items, np.load(os.path.join(destdir, f"{split}.loss_start.npy")).tolist(), d
+    return items, np.load(os.path.join(destdir, "loss_start", f"{split}.npy")).tolist(), d
 
 
 def fairseq_items(texts, d, bpe_files):
@@ -254,8 +254,9 @@ def bpe_flags(bpe_files):
 def test_text_format(tmp_path, capsys, bpe_files, oracle):
     lines = [t for t in TEXTS if "\n" not in t and "\r" not in t]
     (tmp_path / "train.txt").write_text("".join(t + "\n" for t in lines), encoding="utf-8")
-    # a CRLF file, no final line end: the \r is the line end, not text
-    (tmp_path / "valid.txt").write_bytes("first line\r\nsecond \u2028line".encode("utf-8"))
+    # a CRLF file, no final line end: the \r is the line end, not text; a lone \r
+    # inside a line is text (one line is one privacy unit)
+    (tmp_path / "valid.txt").write_bytes("first line\r\nsecond \u2028line with a lone \r inside".encode("utf-8"))
     dest = tmp_path / "out"
     status, out, err = run_main(["--format", "text", "--train", str(tmp_path / "train.txt"), "--valid",
                                  str(tmp_path / "valid.txt"), "--destdir", str(dest)] + bpe_flags(bpe_files), capsys)
@@ -266,7 +267,7 @@ def test_text_format(tmp_path, capsys, bpe_files, oracle):
     assert items == fairseq_items(lines, d, bpe_files)
     assert loss_start == [0] * len(lines)
     items, loss_start, _ = read_back(str(dest), "valid")
-    assert items == [[i + 4 for i in oracle(t)] + [2] for t in ("first line", "second \u2028line")]
+    assert items == [[i + 4 for i in oracle(t)] + [2] for t in ("first line", "second \u2028line with a lone \r inside")]
     meta = json.loads((dest / "prepare_lm.json").read_text())
     assert meta["format"] == "text" and meta["splits"]["train"]["examples"] == len(lines)
     assert meta["splits"]["valid"]["examples"] == 2 and meta["max_length"] == 1024

@@ -20,6 +20,7 @@ from fairseq_dp.accounting import LEDGER_KEYS, PrivacyAccountant, calibrate_nois
 from fairseq_dp.data.synthetic import binarize, write_raw
 from fairseq_dp.errors import DPConfigError
 from fairseq_dp.merge_lora import merge_lora_checkpoint
+from fairseq_dp.checkpoint_ledger import TOP_LEVEL_KEY
 from fairseq_dp.trainer import NoiseReuseError
 
 from helpers import TINY_MODEL, batch, build, data_dir, parse, train_args
@@ -94,6 +95,15 @@ def test_merged_lora_checkpoint_loads_in_stock_fairseq_and_continuing_it_compose
     assert summary_value(messages, "dp_epsilon") == pytest.approx(
         reference_prv_epsilon(1.0, Q, 8, DELTA), abs=0.03)
     assert ledger_of(tmp_path / "second" / "checkpoint_last.pt") == [(1.0, Q, 8)]
+    # the merged file without its top-level ledger (its task is fairseq's own now,
+    # the DP options kept under dp_task) is refused as any stripped DP checkpoint
+    del state[TOP_LEVEL_KEY]
+    torch.save(state, tmp_path / "merged_stripped.pt")
+    with pytest.raises(DPConfigError, match="carries no privacy ledger"):
+        run_main(train_args(
+            data, "--max-update", "4", "--save-dir", str(tmp_path / "third"), *LOG,
+            "--restore-file", str(tmp_path / "merged_stripped.pt"), "--reset-optimizer", "--reset-dataloader",
+            "--reset-meters", model=PLAIN), caplog)
 
 
 def test_weights_of_a_dp_run_without_their_ledger_are_refused_unless_stated_fresh(data, tmp_path, caplog):

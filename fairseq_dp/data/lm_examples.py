@@ -12,11 +12,24 @@ fairseq's eos here) and predicts ``item``; the positions before the item's
 the loss covers the target tokens only.
 """
 
+import os
 from typing import Optional
 
 import numpy as np
 import torch
 from fairseq.data import FairseqDataset, data_utils
+
+
+# where each split's loss starts live, beside the binarized splits: a folder of
+# its own, since fairseq takes every ``valid<N>.*`` file of the data directory
+# for a validation subset and refuses a run that does not validate on it
+LOSS_START_DIR = "loss_start"
+
+
+def loss_start_path(data_dir: str, split: str) -> str:
+    """The int64 array of one split: per example, the index in its item of
+    the first token the loss covers (0 for plain text)."""
+    return os.path.join(data_dir, LOSS_START_DIR, f"{split}.npy")
 
 
 class LMExampleDataset(FairseqDataset):

@@ -154,7 +154,7 @@ def write_sentiment_tsv(out_dir: str, n_train: int, n_dev: int, seed: int = 0, l
 def make_synthetic_lm_dataset(out_dir: str, n_train: int = 256, n_valid: int = 64, prompts: bool = True,
                               seed: int = 0) -> str:
     """A small private-language-modeling directory in ``fairseq-dp-prepare-lm``'s
-    layout (``dict.txt``, ``{split}.bin/.idx``, ``{split}.loss_start.npy``).
+    layout (``dict.txt``, ``{split}.bin/.idx``, ``loss_start/{split}.npy``).
 
     With ``prompts``, each example is a (prompt, target) pair whose target is
     the prompt's words reversed followed by a cue word of the prompt's first
@@ -163,6 +163,8 @@ def make_synthetic_lm_dataset(out_dir: str, n_train: int = 256, n_valid: int = 6
     import numpy as np
     import torch
     from fairseq.data import Dictionary, indexed_dataset
+
+    from .lm_examples import loss_start_path
 
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -186,5 +188,6 @@ def make_synthetic_lm_dataset(out_dir: str, n_train: int = 256, n_valid: int = 6
                 loss_start.append(0)
             builder.add_item(torch.IntTensor(ids))
         builder.finalize(prefix + ".idx")
-        np.save(prefix + ".loss_start.npy", np.asarray(loss_start, dtype=np.int64))
+        os.makedirs(os.path.dirname(loss_start_path(out_dir, split)), exist_ok=True)
+        np.save(loss_start_path(out_dir, split), np.asarray(loss_start, dtype=np.int64))
     return out_dir

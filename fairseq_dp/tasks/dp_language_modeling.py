@@ -21,7 +21,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import OmegaConf, open_dict
 
-from ..data.lm_examples import LMExampleDataset
+from ..data.lm_examples import LMExampleDataset, loss_start_path
 from ..dp_config import DPConfig
 from ..errors import DPConfigError
 from .dp_task import DPTaskMixin
@@ -29,7 +29,7 @@ from .dp_task import DPTaskMixin
 logger = logging.getLogger(__name__)
 
 LAYOUT = ("a dp_language_modeling directory has dict.txt and the binarized splits "
-          "(SPLIT.bin, SPLIT.idx, and SPLIT.loss_start.npy for prompt/target data); "
+          "(SPLIT.bin, SPLIT.idx, and loss_start/SPLIT.npy for prompt/target data); "
           "fairseq-dp-prepare-lm writes them")
 
 
@@ -110,11 +110,11 @@ class DPLanguageModelingTask(DPTaskMixin, LanguageModelingTask):
         if tokens is None:
             raise DPConfigError(f"dp_language_modeling: no split '{split}' in {self.cfg.data} "
                                 f"({path}.bin/.idx); {LAYOUT}")
-        loss_start_path = path + ".loss_start.npy"
-        if os.path.exists(loss_start_path):
-            loss_start = np.load(loss_start_path)
+        starts_file = loss_start_path(self.cfg.data, split)
+        if os.path.exists(starts_file):
+            loss_start = np.load(starts_file)
             if loss_start.shape != (len(tokens),):
-                raise DPConfigError(f"{loss_start_path} has {loss_start.shape[0]} entries for "
+                raise DPConfigError(f"{starts_file} has {loss_start.shape[0]} entries for "
                                     f"{len(tokens)} examples; prepare the data again")
         else:
             # fairseq-preprocess output: one line an example, every token in the loss
