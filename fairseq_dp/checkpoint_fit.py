@@ -127,7 +127,8 @@ def decoder_sizes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[dict]:
     embed = shapes.get(DEC + "embed_tokens.weight")
     if embed is None:
         return None
-    layers = {int(m.group(1)) for k in shapes for m in [DEC_LAYER.match(k)] if m}
+    # LoRA factors are not the checkpoint's own (a LoRA model adds them to a plain one)
+    layers = {int(m.group(1)) for k in shapes if ".lora_" not in k for m in [DEC_LAYER.match(k)] if m}
     fc1 = shapes.get(DEC + "layers.0.fc1.weight")
     positions = shapes.get(DEC + "embed_positions.weight")
     return {"layers": len(layers), "embed_dim": embed[1], "ffn_dim": fc1[0] if fc1 else None,
@@ -150,21 +151,41 @@ def check_decoder_fits(model: nn.Module, state_dict, prefix: str = "") -> None:
     one message with the flags that rebuild it; a checkpoint whose output
     projection differs from its token embedding (trained untied) is refused
     for a tied model, which would silently keep only one of the two."""
-    own = {k: tuple(t.shape) for k, t in list(model.named_parameters()) + list(model.named_buffers())}
+    # the state dict's names: a tied weight is there under both of its names
+    own = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items() if hasattr(t, "shape")}
     theirs = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
               if k.startswith(prefix) and hasattr(v, "shape")}
     their_sizes = decoder_sizes(theirs)
     if their_sizes is None or decoder_sizes(own) is None:
         return
     mismatched = [k for k in own if k in theirs and theirs[k] != own[k]]
-    if mismatched:
-        k = mismatched[0]
+
+    def weights(names):  # the checkpoint's own weights, not LoRA factors or buffers
+        return {k for k in names if k.endswith((".weight", ".bias")) and ".lora_" not in k}
+
+    missing, unexpected = sorted(weights(own) - weights(theirs)), sorted(weights(theirs) - weights(own))
+    if mismatched or missing or unexpected:
+        if mismatched:
+            k = mismatched[0]
+            what = (f"{len(mismatched)} tensor{'s' if len(mismatched) > 1 else ''} differ in shape, e.g. {k}: "
+                    f"checkpoint {list(theirs[k])}, model {list(own[k])}")
+        else:
+            what = "; ".join(part for part in (
+                f"the model has {len(missing)} weights the checkpoint lacks (e.g. {missing[0]})" if missing else "",
+                f"the checkpoint has {len(unexpected)} the model lacks (e.g. {unexpected[0]})" if unexpected else "",
+            ) if part)
+        hints = []
+        if DEC + "embed_positions.weight" in unexpected:
+            hints.append("--decoder-learned-pos (the checkpoint has learned positions)")
+        if DEC + "layer_norm.weight" in unexpected:
+            hints.append("--decoder-normalize-before (the checkpoint is pre-LayerNorm with a final LayerNorm)")
         raise DPConfigError(
-            f"the checkpoint's language model does not fit --arch's: {len(mismatched)} tensors differ in "
-            f"shape, e.g. {k}: checkpoint {list(theirs[k])}, model {list(own[k])}. The checkpoint has "
+            f"the checkpoint's language model does not fit --arch's: {what}. The checkpoint has "
             f"{their_sizes['layers']} layers, embedding dim {their_sizes['embed_dim']}, FFN dim "
             f"{their_sizes['ffn_dim']} and {their_sizes['vocab']} dictionary entries; rebuild it with "
-            f"{decoder_flags(their_sizes)} (and the dictionary it was trained with)"
+            f"{decoder_flags(their_sizes)}" + (", " + ", ".join(hints) if hints else "")
+            + " (and the dictionary it was trained with; a converted checkpoint's convert.json lists "
+            "every flag under fairseq_flags)"
         )
     decoder = getattr(model, "decoder", None)
     embed_key, out_key = prefix + DEC + "embed_tokens.weight", prefix + DEC + "output_projection.weight"

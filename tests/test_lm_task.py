@@ -17,7 +17,7 @@ from opacus.accountants import RDPAccountant
 from fairseq_dp.errors import DPConfigError
 from fairseq_dp.trainer import PrivacyBudgetExhausted
 
-from helpers import build, lm_data_dir, lm_train_args
+from helpers import LM_SIZES, build, lm_data_dir, lm_train_args
 from test_end_to_end import run_main, summary_value
 
 N_TRAIN, BATCH = 128, 8
@@ -190,3 +190,22 @@ def test_checkpoint_of_other_sizes_or_untied_gets_a_message(data):
     # a tied checkpoint loads into an untied model: both start from the embedding
     small.load_state_dict(tied.state_dict())
     assert small.decoder.output_projection.weight.equal(tied.decoder.embed_tokens.weight)
+
+
+def test_checkpoint_with_other_layers_or_shape_flags_gets_a_message(data):
+    _, _, small, _ = build(lm_train_args(data))
+    deeper = lm_train_args(data)
+    deeper[deeper.index("--decoder-layers") + 1] = "3"
+    _, _, other, _ = build(deeper)
+    with pytest.raises(DPConfigError, match="weights the checkpoint lacks.*--decoder-layers 2 "):
+        other.load_state_dict(small.state_dict())
+    # a LoRA model of other depth: its own adapter factors do not count as the checkpoint's layers
+    lora = lm_train_args(data, model=["--arch", "transformer_lm_lora", *LM_SIZES])
+    lora[lora.index("--decoder-layers") + 1] = "1"
+    _, _, lora_model, _ = build(lora)
+    with pytest.raises(DPConfigError, match="The checkpoint has 2 layers"):
+        lora_model.load_state_dict(small.state_dict(), strict=False)
+    sinusoidal = [a for a in lm_train_args(data) if a != "--decoder-learned-pos"]
+    _, _, no_learned, _ = build(sinusoidal)
+    with pytest.raises(DPConfigError, match="--decoder-learned-pos"):
+        no_learned.load_state_dict(small.state_dict())
