@@ -221,6 +221,16 @@ def pretrained_checkpoint(checkpoint_cfg) -> Optional[str]:
     ``checkpoint_utils.load_checkpoint`` chooses it; None when the run resumes
     its own ``checkpoint_last.pt`` or starts from scratch."""
     finetune = getattr(checkpoint_cfg, "finetune_from_model", None)
+    for flag, named in (("--finetune-from-model", finetune),
+                        ("--restore-file", getattr(checkpoint_cfg, "restore_file", None))):
+        # fairseq would find no checkpoint file there and train from random weights
+        if named and os.path.isdir(named):
+            inside = sorted(f for f in os.listdir(named) if f.endswith(".pt"))
+            raise DPConfigError(
+                f"{flag} {named} is a directory; give the checkpoint file"
+                + (f" in it, e.g. {os.path.join(named, inside[0])}" if inside else
+                   " (a HuggingFace directory is converted first: fairseq-dp-convert DIR OUT_DIR)")
+            )
     if finetune is not None and not os.path.isfile(finetune) and restored_checkpoint_path(checkpoint_cfg) is None:
         raise DPConfigError(f"--finetune-from-model {finetune}: no such checkpoint file")
     path = restored_checkpoint_path(checkpoint_cfg)
@@ -245,10 +255,20 @@ def check_pretrained_checkpoint(model: nn.Module, task_cfg) -> None:
 
         state = torch.load(path, map_location="cpu", mmap=True)
     except Exception as e:  # noqa: BLE001  an early courtesy check: fairseq's own load decides
+        if path.endswith((".safetensors", ".bin")) or os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
+            raise DPConfigError(
+                f"{path} is not a fairseq checkpoint (a HuggingFace one?); convert its directory first: "
+                f"fairseq-dp-convert {os.path.dirname(path) or '.'} OUT_DIR, then start from OUT_DIR/model.pt"
+            ) from None
         logger.debug(f"checkpoint shapes not checked early ({path}: {e})")
         return
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        return
+        # fairseq's load would fail on state["model"] with a traceback
+        raise DPConfigError(
+            f"{path} is not a fairseq checkpoint (it has no 'model' entry; a HuggingFace weights file?). "
+            f"Convert a HuggingFace directory first: fairseq-dp-convert DIR OUT_DIR, then start from "
+            "OUT_DIR/model.pt"
+        )
     try:
         check_checkpoint_fits(model, state["model"], conversion=state.get("fairseq_dp_conversion"))
     except DPConfigError as e:

@@ -105,6 +105,7 @@ def test_label_smoothing_matches_its_formula(data):
     (("--label-smoothing", "1.5"), "--label-smoothing must be in [0, 1)"),
     (("--tokens-per-sample", "6"), "longer than --tokens-per-sample 6"),
     (("--decoder-layerdrop", "0.1"), "--decoder-layerdrop skips layers"),
+    (("--add-bos-token",), "always starts an example from </s>"),
 ])
 def test_refusals(data, extra, message):
     argv = lm_train_args(data, *extra)
@@ -149,7 +150,7 @@ def test_lm_criterion_outside_the_dp_task_is_refused(data):
     for flag in ("--dp-clip-norm", "--dp-delta", "--dp-noise-multiplier"):  # not flags of fairseq's task
         i = argv.index(flag)
         del argv[i:i + 2]
-    with pytest.raises(DPConfigError, match="trains privately only under --task dp_language_modeling"):
+    with pytest.raises(DPConfigError, match=r"trains privately only under --task dp_language_modeling \(got --task language_modeling\)"):
         build(argv)
 
 
@@ -209,3 +210,30 @@ def test_checkpoint_with_other_layers_or_shape_flags_gets_a_message(data):
     _, _, no_learned, _ = build(sinusoidal)
     with pytest.raises(DPConfigError, match="--decoder-learned-pos"):
         no_learned.load_state_dict(small.state_dict())
+
+
+def test_starting_points_that_would_train_from_random_weights_are_refused(data, tmp_path, caplog):
+    import transformers
+
+    hf = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4)).save_pretrained(hf)
+    common = ["--max-update", "1", "--save-dir", str(tmp_path / "ck"), *LOG]
+    with pytest.raises(DPConfigError, match="is a directory; give the checkpoint file"):
+        run_main(lm_train_args(data, *common, "--finetune-from-model", str(hf)), caplog)
+    with pytest.raises(DPConfigError, match="is not a fairseq checkpoint.*fairseq-dp-convert"):
+        run_main(lm_train_args(data, *common, "--finetune-from-model", str(hf / "model.safetensors")), caplog)
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(DPConfigError, match="is not a fairseq checkpoint"):
+        run_main(lm_train_args(data, *common, "--finetune-from-model", str(tmp_path / "pytorch_model.bin")), caplog)
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint_last.pt")
+
+
+def test_validation_reads_every_example_with_a_small_batch(tmp_path_factory):
+    data = lm_data_dir(tmp_path_factory, n_train=64, n_valid=13, name="small_valid")
+    _, task, _, _ = build(lm_train_args(data, "--batch-size", "4"))
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    itr = task.get_batch_iterator(dataset, max_sentences=4, max_positions=task.max_positions(),
+                                  required_batch_size_multiple=8)
+    seen = [i for sample in itr.next_epoch_itr(shuffle=False) for i in sample["id"].tolist()]
+    assert sorted(seen) == list(range(13))

@@ -24,7 +24,9 @@ class PrivacyReportMixin:
         if not hasattr(task, "accountant"):
             # under a fairseq task nothing would clip or add noise: the run
             # would train without privacy
-            name = getattr(task.cfg, "_name", type(task).__name__)
+            # fairseq's legacy tasks (language_modeling) keep their config as .args
+            task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+            name = getattr(task_cfg, "_name", None) or type(task).__name__
             own = getattr(cfg, "_name", None) or type(self).__name__
             raise DPConfigError(
                 f"--criterion {own} trains privately only under --task {own} (got --task {name}); "

@@ -63,6 +63,11 @@ class DPLanguageModelingTask(DPTaskMixin, LanguageModelingTask):
                 "--shorten-method random_crop would cut prompts at random; dp_language_modeling "
                 "supports none (examples longer than --tokens-per-sample are refused) or truncate"
             )
+        if cfg.add_bos_token:
+            raise DPConfigError(
+                "--add-bos-token: dp_language_modeling always starts an example from </s>, as GPT-2 "
+                "starts from <|endoftext|> (which is fairseq's </s> here); drop the flag"
+            )
         if cfg.sample_break_mode in ("complete", "complete_doc"):
             raise DPConfigError(
                 f"--sample-break-mode {cfg.sample_break_mode} packs several examples into one "

@@ -467,19 +467,24 @@ class DPTaskMixin:
         if len(ignored) > 0:
             # q = expected batch / N counts every training example; one that is
             # silently dropped would make q (and ε) wrong
+            already = getattr(self.cfg, "shorten_method", None) == "truncate"
             raise DPConfigError(
                 f"DP: {len(ignored)} training examples are longer than max positions "
                 f"{max_positions} (first ids {list(ignored[:5])}); fairseq would skip them, "
-                "which the privacy accounting cannot allow. Use --shorten-method truncate, or "
-                "remove them from the training data"
+                "which the privacy accounting cannot allow. "
+                + ("They are cut to --tokens-per-sample, which is larger than the model's positions: "
+                   f"use --tokens-per-sample {max_positions} or less" if already else
+                   "Use --shorten-method truncate, or remove them from the training data")
             )
         return kept
 
     def get_batch_iterator(self, dataset, **kwargs):
+        # fairseq rounds batch sizes down to this multiple (8): DP needs exactly
+        # --batch-size, and with a smaller --batch-size validation would skip
+        # examples (or, on a split smaller than 8, fail)
+        kwargs["required_batch_size_multiple"] = 1
         if dataset is not self.datasets.get(self.cfg.train_subset):
             return super().get_batch_iterator(dataset, **kwargs)
-        # fairseq rounds batch sizes down to this multiple; DP needs exactly --batch-size
-        kwargs["required_batch_size_multiple"] = 1
         if self.cfg.dp_sampling != "poisson":
             return super().get_batch_iterator(dataset, **kwargs)
         return self._poisson_batch_iterator(dataset, **kwargs)
