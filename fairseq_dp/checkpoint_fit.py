@@ -158,10 +158,10 @@ def check_decoder_fits(model: nn.Module, state_dict, prefix: str = "") -> None:
     their_sizes = decoder_sizes(theirs)
     if their_sizes is None or decoder_sizes(own) is None:
         return
-    mismatched = [k for k in own if k in theirs and theirs[k] != own[k]]
-
-    def weights(names):  # the checkpoint's own weights, not LoRA factors or buffers
+    def weights(names):  # the checkpoint's own weights, not LoRA factors, the ledger or buffers
         return {k for k in names if k.endswith((".weight", ".bias")) and ".lora_" not in k}
+
+    mismatched = sorted(k for k in weights(own) if k in theirs and theirs[k] != own[k])
 
     missing, unexpected = sorted(weights(own) - weights(theirs)), sorted(weights(theirs) - weights(own))
     if mismatched or missing or unexpected:
@@ -271,5 +271,58 @@ def check_pretrained_checkpoint(model: nn.Module, task_cfg) -> None:
         )
     try:
         check_checkpoint_fits(model, state["model"], conversion=state.get("fairseq_dp_conversion"))
+        check_decoder_fits(model, state["model"])
+        check_same_decoder_shape(state.get("cfg"), getattr(root, "model", None))
     except DPConfigError as e:
         raise DPConfigError(f"{path}: {e}") from None
+
+
+# settings of a causal LM that leave no trace in its weights' shapes but change
+# what they compute: a run that differs from its starting checkpoint in one of
+# them would train a different model without a word
+DECODER_SHAPE_FLAGS = {
+    "decoder_attention_heads": "--decoder-attention-heads {}",
+    "activation_fn": "--activation-fn {}",
+    "no_scale_embedding": "--no-scale-embedding",
+    "decoder_normalize_before": "--decoder-normalize-before",
+    "layernorm_embedding": "--layernorm-embedding",
+    "no_decoder_final_norm": "--no-decoder-final-norm",
+}
+
+
+def _setting(cfg, name):
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict) or hasattr(cfg, "get"):
+        try:
+            return cfg.get(name)
+        except Exception:  # noqa: BLE001  an omegaconf node that cannot be read: not compared
+            return None
+    return getattr(cfg, name, None)
+
+
+def check_same_decoder_shape(saved_cfg, run_model_cfg) -> None:
+    """The run's model must compute what its starting language model computes:
+    the settings of ``DECODER_SHAPE_FLAGS`` are compared with the checkpoint's
+    saved model config (fairseq's checkpoints and fairseq-dp-convert's carry it)."""
+    saved_model = _setting(saved_cfg, "model")
+    if saved_model is None and isinstance(saved_cfg, dict) is False and saved_cfg is not None:
+        saved_model = getattr(saved_cfg, "model", None)
+    if saved_model is None or run_model_cfg is None or _setting(saved_model, "decoder_layers") is None:
+        return
+    differ = []
+    for name, flag in DECODER_SHAPE_FLAGS.items():
+        theirs, ours = _setting(saved_model, name), _setting(run_model_cfg, name)
+        if theirs is None or ours is None or str(theirs) == str(ours):
+            continue
+        if isinstance(theirs, bool):
+            fix = flag if theirs else f"no {flag}"
+        else:
+            fix = flag.format(theirs)
+        differ.append(f"{name} is {theirs} in the checkpoint and {ours} here ({fix})")
+    if differ:
+        raise DPConfigError(
+            "the run's language model would not compute what its starting checkpoint computes: "
+            + "; ".join(differ) + ". Use the checkpoint's settings (a converted checkpoint's "
+            "convert.json lists them under fairseq_flags)"
+        )

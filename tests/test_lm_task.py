@@ -237,3 +237,20 @@ def test_validation_reads_every_example_with_a_small_batch(tmp_path_factory):
                                   required_batch_size_multiple=8)
     seen = [i for sample in itr.next_epoch_itr(shuffle=False) for i in sample["id"].tolist()]
     assert sorted(seen) == list(range(13))
+
+
+def test_starting_checkpoint_with_other_heads_or_activation_is_refused(data, tmp_path, caplog):
+    first = tmp_path / "first"
+    run_main(lm_train_args(data, "--max-update", "1", "--save-dir", str(first), *LOG), caplog)
+    start = ["--max-update", "1", "--save-dir", str(tmp_path / "second"), *LOG,
+             "--finetune-from-model", str(first / "checkpoint_last.pt")]
+    other_heads = lm_train_args(data, *start)
+    other_heads[other_heads.index("--decoder-attention-heads") + 1] = "8"
+    with pytest.raises(DPConfigError, match="decoder_attention_heads is 4 in the checkpoint and 8 here"):
+        run_main(other_heads, caplog)
+    other_activation = lm_train_args(data, *start)
+    other_activation[other_activation.index("gelu_accurate")] = "relu"
+    with pytest.raises(DPConfigError, match="--activation-fn gelu_accurate"):
+        run_main(other_activation, caplog)
+    messages = run_main(lm_train_args(data, *start), caplog)  # the same settings train
+    assert summary_value(messages, "num_updates") == 1
