@@ -151,8 +151,9 @@ def export_checkpoint(src: str, dst: str) -> None:
     use_stock_task(state, stock_task)
     state["last_optimizer_state"] = None
     torch.save(state, dst)
-    logger.info(f"wrote {dst}: {'architecture ' + plain + ', ' if plain else ''}task {stock_task}, "
-                f"privacy ledger at the top level ('{TOP_LEVEL_KEY}')")
+    ledger = (f"privacy ledger at the top level ('{TOP_LEVEL_KEY}')" if TOP_LEVEL_KEY in state
+              else "no privacy ledger (these weights were not trained with DP here)")
+    logger.info(f"wrote {dst}: {'architecture ' + plain + ', ' if plain else ''}task {stock_task}, {ledger}")
 
 
 def main(argv=None):
