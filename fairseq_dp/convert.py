@@ -747,8 +747,10 @@ def main(argv=None):
     info = convert(hf_dir, a.out_dir, a.gpt2_encoder_json, a.gpt2_vocab_bpe)
     if info["model_type"] == "gpt2":
         print(f"wrote {a.out_dir}/model.pt, dict.txt, encoder.json, vocab.bpe, convert.json from {hf_dir}")
-        print("fairseq transformer_lm flags (fine-tuning with --restore-file model.pt --reset-optimizer "
-              "--reset-dataloader --reset-meters): " + " ".join(info["fairseq_flags"]))
+        print(f"fairseq transformer_lm flags (fine-tuning with --finetune-from-model {a.out_dir}/model.pt): "
+              + " ".join(info["fairseq_flags"]))
+        print("or, for DP-LoRA and RGP, --arch transformer_lm_lora / transformer_lm_rgp (GPT-2's shape by "
+              "default; _gpt2_small, _gpt2_medium, _gpt2_large for OpenAI's sizes) with the size flags above")
         return
     print(f"wrote {a.out_dir}/model.pt, dict.txt, convert.json from {hf_dir}")
     print("flags for the plugin's archs (roberta_rgp, roberta_lora, roberta_pooled): "
