@@ -29,8 +29,6 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from .errors import DPConfigError
 
-from .errors import DPConfigError
-
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 # RDP ε above which PRV is not evaluated (see the module docstring); measured:
 # PRV agrees with the exact one-step ε to 0.02 up to ε ≈ 240 at σ ≥ 0.05, but

@@ -35,11 +35,11 @@ import json
 import os
 import shutil
 import sys
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data.lm_examples import LOSS_START_DIR, loss_start_path
+from .data.lm_examples import loss_start_path
 from .errors import DPConfigError
 from .gpt2_bpe import (
     FAIRSEQ_EOS,
@@ -99,19 +99,24 @@ def _strip_line_end(line: str) -> str:
     return line[:-1] if line.endswith("\n") else line
 
 
-def read_text(path: str, skip_empty: bool) -> Tuple[List[Record], int]:
-    """(examples, number of empty lines skipped)."""
-    records, empty = [], []
+def _numbered_lines(path: str) -> Iterator[Tuple[int, str]]:
+    """(line number, line without its end) of a text or TSV file."""
     try:
         with _open(path) as f:
             for number, line in enumerate(f, 1):
-                line = _strip_line_end(line)
-                if line == "":
-                    empty.append(number)
-                else:
-                    records.append(Record(number, None, line))
+                yield number, _strip_line_end(line)
     except UnicodeDecodeError as e:
         raise _decode_error(path, e) from None
+
+
+def read_text(path: str, skip_empty: bool) -> Tuple[List[Record], int]:
+    """(examples, number of empty lines skipped)."""
+    records, empty = [], []
+    for number, line in _numbered_lines(path):
+        if line == "":
+            empty.append(number)
+        else:
+            records.append(Record(number, None, line))
     if empty and not skip_empty:
         raise DPConfigError(
             f"{path}: {len(empty)} empty line(s) at line {_lines_quoted(empty)}; an empty example has nothing "
@@ -123,22 +128,17 @@ def read_text(path: str, skip_empty: bool) -> Tuple[List[Record], int]:
 def read_tsv(path: str, skip_empty: bool) -> Tuple[List[Record], int]:
     """``prompt<TAB>target`` lines; (examples, number of empty lines skipped)."""
     records, empty, bad_tabs, prompt_only = [], [], [], []
-    try:
-        with _open(path) as f:
-            for number, line in enumerate(f, 1):
-                line = _strip_line_end(line)
-                if line == "":
-                    empty.append(number)
-                elif line.count("\t") != 1:
-                    bad_tabs.append(number)
-                else:
-                    prompt, target = line.split("\t")
-                    if target == "":
-                        prompt_only.append(number)
-                    else:
-                        records.append(Record(number, prompt, target))
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, e) from None
+    for number, line in _numbered_lines(path):
+        if line == "":
+            empty.append(number)
+        elif line.count("\t") != 1:
+            bad_tabs.append(number)
+        else:
+            prompt, target = line.split("\t")
+            if target == "":
+                prompt_only.append(number)
+            else:
+                records.append(Record(number, prompt, target))
     problems = []
     if bad_tabs:
         problems.append(
@@ -301,7 +301,7 @@ def write_split(destdir: str, split: str, items: List[List[int]], loss_starts: L
         np.save(f, np.asarray(loss_starts, dtype=np.int64))
     for suffix in (".bin", ".idx"):
         os.replace(tmp + suffix, os.path.join(destdir, split + suffix))
-    os.makedirs(os.path.join(destdir, LOSS_START_DIR), exist_ok=True)
+    os.makedirs(os.path.dirname(loss_start_path(destdir, split)), exist_ok=True)
     os.replace(tmp + ".loss_start.npy", loss_start_path(destdir, split))
 
 

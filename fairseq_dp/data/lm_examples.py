@@ -91,7 +91,3 @@ class LMExampleDataset(FairseqDataset):
     @property
     def supports_prefetch(self):
         return False
-
-    def loss_tokens(self, index) -> int:
-        """How many of the example's tokens the loss covers."""
-        return int(self.sizes[index]) - int(min(self.loss_start[index], self.sizes[index]))
