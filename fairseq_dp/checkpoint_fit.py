@@ -306,8 +306,6 @@ def check_same_decoder_shape(saved_cfg, run_model_cfg) -> None:
     the settings of ``DECODER_SHAPE_FLAGS`` are compared with the checkpoint's
     saved model config (fairseq's checkpoints and fairseq-dp-convert's carry it)."""
     saved_model = _setting(saved_cfg, "model")
-    if saved_model is None and isinstance(saved_cfg, dict) is False and saved_cfg is not None:
-        saved_model = getattr(saved_cfg, "model", None)
     if saved_model is None or run_model_cfg is None or _setting(saved_model, "decoder_layers") is None:
         return
     differ = []

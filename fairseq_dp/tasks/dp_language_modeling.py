@@ -58,6 +58,9 @@ class DPLanguageModelingTask(DPTaskMixin, LanguageModelingTask):
             raise DPConfigError(f"data directory {data!r} does not exist; {LAYOUT}")
         if not os.path.isfile(os.path.join(data, "dict.txt")):
             raise DPConfigError(f"data directory {data!r} has no dict.txt; {LAYOUT}")
+
+    @classmethod
+    def check_task_cfg(cls, cfg) -> None:
         if cfg.shorten_method == "random_crop":
             raise DPConfigError(
                 "--shorten-method random_crop would cut prompts at random; dp_language_modeling "

@@ -44,11 +44,11 @@ from ..accounting import (
 from ..checkpoint_fit import check_checkpoints_on_load, check_pretrained_checkpoint
 from ..checkpoint_ledger import read_checkpoint_history, refresh_best_checkpoint_ledgers, restored_checkpoint_path
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
+from ..dp_config import check_dp_config
 from ..errors import DPConfigError
 from ..prepare import prepare_model_for_dp
 from ..recording import Recorder
 from ..trainer import DPSettings, DPTrainer, PrivacyBudgetExhausted, unwrap_model
-from ..dp_config import check_dp_config
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,16 @@ class DPTaskMixin:
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         check_dp_config(cfg)
+        cls.check_task_cfg(cfg)
         cls.check_data_dir(cfg)
         task = super().setup_task(cfg, **kwargs)
         task.complete_lr_schedule()
         return task
+
+    @classmethod
+    def check_task_cfg(cls, cfg) -> None:
+        """The task's own settings that DP cannot train with, refused before
+        anything loads (the DP options themselves: ``check_dp_config``)."""
 
     @classmethod
     def check_data_dir(cls, cfg) -> None:
