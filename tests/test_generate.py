@@ -178,13 +178,21 @@ def test_sampling_is_seeded_and_follows_the_model(lm):
     assert [ids for ids, _ in k1] == [oracle_greedy(model, d, s, MAX_NEW) for s in seqs[:2]]
 
 
-def test_lora_adapters_are_read_on_the_cached_path(tmp_path_factory):
-    """LoRA changes q and v; the cached path (one token a call) must go through
-    the adapters exactly as the full forward pass does."""
-    data = lm_data_dir(tmp_path_factory, n_train=16, n_valid=8, name="lora")
-    lora = ["--arch", "transformer_lm_lora", *TINY_LM[2:], "--lora-targets", "q,v,fc1"]
-    cfg, task, model, _ = build(lm_train_args(data, *lora), dtype=torch.float64)
-    randomize_lora_b(model, std=0.5)
+@pytest.mark.parametrize("arch", [
+    ["--arch", "transformer_lm_lora", *TINY_LM[2:], "--lora-targets", "q,v,fc1"],
+    ["--arch", "transformer_lm_rgp", *TINY_LM[2:], "--rgp-rank", "2"],
+], ids=["lora", "rgp"])
+def test_swapped_layers_are_read_on_the_cached_path(tmp_path_factory, arch):
+    """LoRA and RGP swap q, v, ... for their own modules; the cached path (one
+    token a call) must go through them exactly as the full forward pass does."""
+    data = lm_data_dir(tmp_path_factory, n_train=16, n_valid=8, name="swapped")
+    cfg, task, model, _ = build(lm_train_args(data, *arch), dtype=torch.float64)
+    if "transformer_lm_lora" in arch:
+        randomize_lora_b(model, std=0.5)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     model.eval()
     d = task.dictionary
     seqs = prompts_of(d, 2, 4, 4)
