@@ -60,6 +60,7 @@ setup(
             "fairseq-dp-plan = fairseq_dp.plan:main",
             "fairseq-dp-report = fairseq_dp.report:main",
             "fairseq-dp-flags = fairseq_dp.flags:main",
+            "fairseq-dp-generate = fairseq_dp.generate:main",
         ],
     },
 )
