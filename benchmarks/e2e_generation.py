@@ -31,7 +31,6 @@ import csv
 import datetime
 import gzip
 import json
-import math
 import os
 import platform
 import random
@@ -49,7 +48,6 @@ from fairseq_dp.errors import DPConfigError  # noqa: E402
 
 PLUGIN_DIR = os.path.join(ROOT, "fairseq_dp")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "e2e_generation.json")
-SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 DEFAULT_POOL = "/work/shared/data/public_pool/pool.tsv.gz"
 DEFAULT_E2E = "/work/shared/data/e2e"
 
@@ -329,7 +327,8 @@ def row_hparams(args, family: str, eps) -> dict:
     else:
         hp = {"lr": args.full_lr, "weight_decay": args.full_weight_decay,
               "clip": args.full_clip if eps is not None else NONPRIVATE_CLIP}
-    hp.update({"epochs": args.finetune_epochs, "logical_batch": args.batch_size * args.update_freq,
+    hp.update({"epochs": None if args.finetune_updates else args.finetune_epochs,
+               "updates": args.finetune_updates or None, "logical_batch": args.batch_size * args.update_freq,
                "micro_batch": args.batch_size, "update_freq": args.update_freq, "optimizer": "adam (0.9, 0.999)",
                "lr_scheduler": "fixed", "dropout": args.finetune_dropout, "label_smoothing": args.label_smoothing,
                "delta": args.delta, "sampling": "poisson", "tokens_per_sample": args.max_positions})
@@ -351,7 +350,8 @@ def finetune_command(args, data: str, init: str, save_dir: str, family: str, eps
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--weight-decay", str(hp["weight_decay"]),
         "--lr", str(hp["lr"]), "--lr-scheduler", "fixed",
         "--batch-size", str(args.batch_size), "--update-freq", str(args.update_freq),
-        "--max-epoch", str(hp["epochs"]), "--dp-clip-norm", str(hp["clip"]), *privacy,
+        *(["--max-update", str(hp["updates"])] if hp.get("updates") else ["--max-epoch", str(hp["epochs"])]),
+        "--dp-clip-norm", str(hp["clip"]), *privacy,
         "--dp-delta", str(args.delta), "--num-workers", "0", "--seed", str(args.seed),
         "--log-format", "simple", "--log-interval", str(args.finetune_log_interval),
         "--no-epoch-checkpoints", "--save-dir", save_dir,
@@ -443,46 +443,71 @@ def stage_finetune(args, results: dict, pretrained: str, rows: list) -> dict:
 # ---------------------------------------------------------------- stage 3: decoding and scoring
 
 def stage_decode(args, results: dict, ckpts: dict) -> None:
-    from fairseq_dp.eval_e2e import read_e2e_references, score_e2e
+    """Decode every row's test MRs (cached in ``decode/<row>/hyps.txt``), then score
+    them; decoding does not wait for the scorer, so a row's hypotheses are kept
+    even where ``fairseq_dp.eval_e2e`` is missing (its scores are then left out)."""
     from fairseq_dp.generate import GenerationSettings, load_generator, read_prompts
 
     test_csv = os.path.join(args.e2e_dir, "testset_w_refs.csv")
     if not os.path.exists(test_csv):
         raise DPConfigError(f"{test_csv}: no such file (E2E test CSV with references; see --e2e-dir)")
     prompts = read_prompts(test_csv, "e2e")
-    mrs, refs = read_e2e_references(test_csv)
-    if list(mrs) != list(prompts):
-        raise RuntimeError("read_prompts and read_e2e_references disagree on the test MRs' order")
-    if args.test_mrs:  # toy runs: the first MRs only
-        prompts, refs = prompts[:args.test_mrs], refs[:args.test_mrs]
-    results["test"] = {"source": test_csv, "mrs": len(prompts), "references": sum(len(r) for r in refs)}
+    if args.test_mrs:  # toy runs and time-boxed runs: the first MRs only (the JSON says how many)
+        prompts = prompts[:args.test_mrs]
+    results["test"] = {"source": test_csv, "mrs": len(prompts), "all_mrs": args.test_mrs == 0}
     settings = GenerationSettings(beam=args.beam, lenpen=args.lenpen, no_repeat_ngram_size=args.no_repeat_ngram,
                                   max_new_tokens=args.max_new_tokens)
     data = os.path.join(args.workdir, "e2e", "bin")
     for name, ckpt in ckpts.items():
         root = os.path.join(args.workdir, "decode", name)
-        done = os.path.join(root, "scores.json")
-        if not os.path.exists(done):
+        decoded = os.path.join(root, "decode.json")
+        hyps_path = os.path.join(root, "hyps.txt")
+        if not os.path.exists(decoded):
             os.makedirs(root, exist_ok=True)
             print(f"[e2e] decoding {name}", flush=True)
             start = time.time()
             generator = load_generator(ckpt, data=data, settings=settings)
             hyps = generator.generate(prompts, batch_size=args.decode_batch_size)
-            decode_wall = time.time() - start
-            with open(os.path.join(root, "hyps.txt"), "w", encoding="utf-8") as f:
+            wall = time.time() - start
+            with open(hyps_path, "w", encoding="utf-8") as f:
                 f.writelines(h.replace("\n", " ") + "\n" for h in hyps)
-            start = time.time()
-            scores = score_e2e(hyps, refs)
-            info = {"scores": scores, "decode_wall_s": round(decode_wall, 1),
-                    "score_wall_s": round(time.time() - start, 1),
-                    "settings": {"beam": args.beam, "lenpen": args.lenpen, "no_repeat_ngram_size": args.no_repeat_ngram,
+            info = {"decode_wall_s": round(wall, 1), "mrs": len(prompts),
+                    "settings": {"beam": args.beam, "lenpen": args.lenpen,
+                                 "no_repeat_ngram_size": args.no_repeat_ngram,
                                  "max_new_tokens": args.max_new_tokens, "batch_size": args.decode_batch_size},
                     "examples": [{"mr": prompts[i], "generated": hyps[i]}
                                  for i in range(0, len(prompts), max(1, len(prompts) // 5))][:5]}
-            with open(done, "w") as f:
+            with open(decoded, "w") as f:
                 json.dump(info, f, indent=2)
-        with open(done) as f:
+        with open(decoded) as f:
             results["rows"].setdefault(name, {})["decoding"] = json.load(f)
+        save_results(args.out, results)
+    score_rows(args, results, ckpts, test_csv, len(prompts))
+
+
+def score_rows(args, results: dict, ckpts: dict, test_csv: str, n_prompts: int) -> None:
+    try:
+        from fairseq_dp.eval_e2e import read_e2e_references, score_e2e
+    except ImportError:
+        print("[e2e] fairseq_dp.eval_e2e is not available: hypotheses kept, scores left out", flush=True)
+        return
+    mrs, refs = read_e2e_references(test_csv)
+    from fairseq_dp.generate import read_prompts
+    if list(mrs) != list(read_prompts(test_csv, "e2e")):
+        raise RuntimeError("read_prompts and read_e2e_references disagree on the test MRs' order")
+    refs = refs[:n_prompts]
+    for name in ckpts:
+        root = os.path.join(args.workdir, "decode", name)
+        scored = os.path.join(root, "scores.json")
+        if not os.path.exists(scored):
+            with open(os.path.join(root, "hyps.txt"), encoding="utf-8") as f:
+                hyps = [line.rstrip("\n") for line in f]
+            start = time.time()
+            scores = score_e2e(hyps, refs)
+            with open(scored, "w") as f:
+                json.dump({"scores": scores, "score_wall_s": round(time.time() - start, 1)}, f, indent=2)
+        with open(scored) as f:
+            results["rows"][name]["decoding"].update(json.load(f))
         save_results(args.out, results)
 
 
@@ -500,6 +525,8 @@ def plot(results: dict, out_png: str) -> None:
         for name, row in results.get("rows", {}).items():
             train, dec = row.get("training", {}), row.get("decoding")
             if dec is None or train.get("family") != family:
+                continue
+            if "scores" not in dec:
                 continue
             bleu = dec["scores"]["BLEU"]
             if train.get("private"):
@@ -561,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rows", default=",".join(name for name, _, _ in ROWS), help="comma-separated rows to run")
     g.add_argument("--e2e-valid-fraction", type=float, default=0.1, help="fraction of devset.csv's MRs held out")
     g.add_argument("--finetune-epochs", type=int, default=10)
+    g.add_argument("--finetune-updates", type=int, default=0,
+                   help="train every row for exactly this many updates instead of --finetune-epochs "
+                        "(a time-boxed run: the same budget for every row, recorded with the examples it covers)")
     g.add_argument("--batch-size", type=int, default=16, help="expected micro-batch (Poisson sampling)")
     g.add_argument("--update-freq", type=int, default=8, help="logical batch = --batch-size x --update-freq")
     g.add_argument("--delta", type=float, default=1e-5)
@@ -594,8 +624,13 @@ def main(argv=None) -> None:
     unknown = [r for r in rows if r not in {name for name, _, _ in ROWS}]
     if unknown:
         raise DPConfigError(f"--rows: unknown {unknown}; choose from {[name for name, _, _ in ROWS]}")
+    if args.finetune_updates < 0:
+        raise DPConfigError(f"--finetune-updates must be >= 0, got {args.finetune_updates}")
     if args.finetune_epochs < 1:
         raise DPConfigError(f"--finetune-epochs must be at least 1, got {args.finetune_epochs}")
+    # the subprocesses run in the repository root: every path absolute
+    for name in ("workdir", "out", "pool", "e2e_dir"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
     os.makedirs(args.workdir, exist_ok=True)
     results = load_results(args.out)
     results.setdefault("rows", {})
