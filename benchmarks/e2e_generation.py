@@ -355,6 +355,7 @@ def finetune_command(args, data: str, init: str, save_dir: str, family: str, eps
         "--dp-delta", str(args.delta), "--num-workers", "0", "--seed", str(args.seed),
         "--log-format", "simple", "--log-interval", str(args.finetune_log_interval),
         "--no-epoch-checkpoints", "--save-dir", save_dir,
+        *(["--disable-validation"] if args.skip_finetune_validation else []),
     ]
 
 
@@ -597,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-dropout", type=float, default=0.0)
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--finetune-log-interval", type=int, default=10)
+    g.add_argument("--skip-finetune-validation", action="store_true",
+                   help="no validation loss on the held-out MRs (it is only reported; no checkpoint is chosen by it)")
     g.add_argument("--lora-lr", type=float, default=2e-3,
                    help="Yu et al. use 4e-4 for 20 epochs of 42k examples; far fewer updates here")
     g.add_argument("--lora-weight-decay", type=float, default=0.01)
