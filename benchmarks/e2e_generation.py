@@ -460,7 +460,8 @@ def stage_decode(args, results: dict, ckpts: dict) -> None:
                                   max_new_tokens=args.max_new_tokens)
     data = os.path.join(args.workdir, "e2e", "bin")
     for name, ckpt in ckpts.items():
-        root = os.path.join(args.workdir, "decode", name)
+        # one folder per number of MRs: a time-boxed subset and the full set coexist
+        root = os.path.join(args.workdir, "decode", name, f"{len(prompts)}mrs")
         decoded = os.path.join(root, "decode.json")
         hyps_path = os.path.join(root, "hyps.txt")
         if not os.path.exists(decoded):
@@ -498,7 +499,7 @@ def score_rows(args, results: dict, ckpts: dict, test_csv: str, n_prompts: int) 
         raise RuntimeError("read_prompts and read_e2e_references disagree on the test MRs' order")
     refs = refs[:n_prompts]
     for name in ckpts:
-        root = os.path.join(args.workdir, "decode", name)
+        root = os.path.join(args.workdir, "decode", name, f"{n_prompts}mrs")
         scored = os.path.join(root, "scores.json")
         if not os.path.exists(scored):
             with open(os.path.join(root, "hyps.txt"), encoding="utf-8") as f:

@@ -97,7 +97,7 @@ def test_toy_pipeline_end_to_end(tmp_path):
     for name in rows:
         dec = rows[name]["decoding"]
         assert set(dec["scores"]) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
-        hyps = (work / "decode" / name / "hyps.txt").read_text().splitlines()
+        hyps = (work / "decode" / name / f"{n_test_mrs}mrs" / "hyps.txt").read_text().splitlines()
         assert len(hyps) == n_test_mrs
         assert 1 <= len(dec["examples"]) <= 5
     assert results["test"]["mrs"] == n_test_mrs
