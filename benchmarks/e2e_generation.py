@@ -638,8 +638,11 @@ def main(argv=None) -> None:
     os.makedirs(args.workdir, exist_ok=True)
     results = load_results(args.out)
     results.setdefault("rows", {})
-    results.update({"command": " ".join([os.path.basename(sys.executable), "benchmarks/e2e_generation.py",
-                                         *(argv if argv is not None else sys.argv[1:])]),
+    command = " ".join(["python", "benchmarks/e2e_generation.py", *(argv if argv is not None else sys.argv[1:])])
+    # a benchmark run one row at a time is several invocations: keep each
+    if command not in results.get("invocations", []):
+        results.setdefault("invocations", []).append(command)
+    results.update({"command": command,
                     "git_commit": commit(), "machine": machine(),
                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "note": ("trained on E2E devset.csv (split by MR; the 42k training set is not available here) "
