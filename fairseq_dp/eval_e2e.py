@@ -170,7 +170,10 @@ def mteval_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     n_streams = max(len(refs) for refs in references)
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(n_streams)]
     bleu = BLEU(lowercase=True, tokenize="13a", smooth_method="floor", smooth_value=BLEU_FLOOR, force=True)
-    return bleu.corpus_score(list(hypotheses), streams).score / 100.0
+    score = bleu.corpus_score(list(hypotheses), streams).score / 100.0
+    # sacrebleu works in percent through exp(mean log): all n-grams matched can
+    # come out as 1 + 4e-16, which is 1
+    return min(score, 1.0)
 
 
 def _mteval_tokens(text: str) -> List[str]:
