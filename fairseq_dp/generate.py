@@ -515,7 +515,13 @@ def load_generator(
         [checkpoint], arg_overrides=overrides, state=state
     )
     dictionary = task.target_dictionary
-    check_gpt2_dictionary(dictionary, os.path.join(data_dir, "dict.txt"))
+    try:
+        check_gpt2_dictionary(dictionary, os.path.join(data_dir, "dict.txt"))
+    except DPConfigError as e:
+        raise DPConfigError(
+            f"{os.path.join(data_dir, 'dict.txt')} is not in GPT-2 BPE order ({str(e).split(': ', 1)[-1].split('. Use the dict.txt')[0]}); "
+            "fairseq-dp-generate decodes models trained on fairseq-dp-prepare-lm's (GPT-2 BPE) data"
+        ) from None
     if prompt_style is None:
         layout = (record or {}).get("item_layout", "")
         prompt_style = "text" if layout.startswith("tokens") else "pair"
