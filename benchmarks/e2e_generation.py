@@ -400,6 +400,11 @@ def log_dp_summary(log_path: str) -> dict:
         out["valid_loss_base2"] = valid.get("loss")
         out["valid_ppl"] = valid.get("ppl")
     out["not_private_logged"] = "THIS RUN IS NOT PRIVATE" in text
+    # the fraction of examples whose gradient was clipped, per logged interval: 0 throughout
+    # shows that the non-private rows' huge clip never bound
+    clipped = [float(c) for c in re.findall(r"dp_clipped[= ]([-\d.e+]+)", text)]
+    if clipped:
+        out["max_dp_clipped"] = max(clipped)
     return out
 
 
@@ -416,7 +421,9 @@ def stage_finetune(args, results: dict, pretrained: str, rows: list) -> dict:
         ckpts[name] = ckpt
         if os.path.exists(done):
             with open(done) as f:
-                results["rows"].setdefault(name, {})["training"] = json.load(f)
+                info = json.load(f)
+            info.update(log_dp_summary(os.path.join(root, "train.log")))  # what later versions read from the log
+            results["rows"].setdefault(name, {})["training"] = info
             continue
         if os.path.exists(root):
             shutil.rmtree(root)  # a half-finished run restarts (resuming would mix two runs' noise draws)
