@@ -31,6 +31,7 @@ import csv
 import datetime
 import gzip
 import json
+import math
 import os
 import platform
 import random
@@ -386,7 +387,8 @@ def log_dp_summary(log_path: str) -> dict:
     eps = re.findall(r"dp_epsilon[= ]([-\d.e+inf]+)", text)
     sigma = re.findall(r"dp_sigma[= ]([-\d.e+]+)", text)
     if eps:
-        out["epsilon"] = float(eps[-1])
+        # JSON has no infinity: a non-private row's ε is the string "inf"
+        out["epsilon"] = float(eps[-1]) if math.isfinite(float(eps[-1])) else "inf"
     if sigma:
         out["sigma"] = float(sigma[-1])
     planned = re.findall(r"planned updates (\d+)", text)
