@@ -559,12 +559,38 @@ def plot(results: dict, out_png: str) -> None:
     plt.close(fig)
 
 
+def table(results: dict) -> list:
+    """The README's markdown table from a results JSON."""
+    lines = ["| row | ε (ledger) | σ | updates | train s | decode s | MRs | BLEU | NIST | METEOR | ROUGE_L | CIDEr |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, _, _ in ROWS:
+        row = results.get("rows", {}).get(name)
+        if row is None:
+            continue
+        train, dec = row.get("training", {}), row.get("decoding", {})
+        eps = train.get("ledger_epsilon", train.get("epsilon"))
+        eps = f"{eps:.3g}" if isinstance(eps, float) else str(eps)
+        scores = dec.get("scores", {})
+
+        def fmt(key, spec):
+            value = scores.get(key)
+            return "–" if value is None else format(value, spec)
+        lines.append(
+            f"| {name} | {eps} | {train.get('sigma', '–')} | {train.get('updates', '–')} | "
+            f"{train.get('train_wall_s', '–')} | {dec.get('decode_wall_s', '–')} | {dec.get('mrs', '–')} | "
+            f"{fmt('BLEU', '.4f')} | {fmt('NIST', '.3f')} | {fmt('METEOR', '.4f')} | {fmt('ROUGE_L', '.4f')} | "
+            f"{fmt('CIDEr', '.3f')} |"
+        )
+    return lines
+
+
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="folder for data, checkpoints and logs (outside git)")
+    p.add_argument("--workdir", help="folder for data, checkpoints and logs (outside git); required unless --table")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     p.add_argument("--stage", choices=["pretrain", "finetune", "decode", "all"], default="all",
                    help="run up to and including this stage (earlier finished stages are reused)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSON (the plot goes next to it)")
@@ -633,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.table:
+        print("\n".join(table(load_results(args.out))))
+        return
+    if not args.workdir:
+        raise DPConfigError("--workdir is required (a folder outside git for data, checkpoints and logs)")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in {name for name, _, _ in ROWS}]
     if unknown:
