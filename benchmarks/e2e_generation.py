@@ -525,8 +525,12 @@ def score_rows(args, results: dict, ckpts: dict, test_csv: str, n_prompts: int) 
 def plot(results: dict, out_png: str) -> None:
     """BLEU against ε: DP rows as points/lines per family, non-private rows as
     horizontal lines (ε = inf)."""
+    import logging
+
     import matplotlib
     matplotlib.use("Agg")
+    # fairseq's logging setup leaves the root logger at DEBUG: keep matplotlib's font search quiet
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
