@@ -553,7 +553,9 @@ def plot(results: dict, out_png: str) -> None:
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colors[family], label=label)
     ax.set_xlabel("ε (δ = 1e-5)")
-    ax.set_ylabel("BLEU (E2E test, all references)")
+    test = results.get("test", {})
+    which = "all 630 test MRs" if test.get("all_mrs") else f"first {test.get('mrs')} test MRs"
+    ax.set_ylabel(f"BLEU ({which}, all references)")
     pre = results.get("pretraining", {})
     ax.set_title(f"E2E, {pre.get('layers')}x{pre.get('embed_dim')} GPT-2-shaped LM pre-trained on public text",
                  fontsize=9)
