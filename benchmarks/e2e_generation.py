@@ -575,7 +575,7 @@ def table(results: dict) -> list:
             continue
         train, dec = row.get("training", {}), row.get("decoding", {})
         eps = train.get("ledger_epsilon", train.get("epsilon"))
-        eps = f"{eps:.3g}" if isinstance(eps, float) else str(eps)
+        eps = f"{eps:.3f}" if isinstance(eps, float) else str(eps)
         scores = dec.get("scores", {})
 
         def fmt(key, spec):
