@@ -45,22 +45,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.sst2_minilm import commit  # noqa: E402  (the commit and +dirty, as every benchmark records it)
 from fairseq_dp.errors import DPConfigError  # noqa: E402
 
 PLUGIN_DIR = os.path.join(ROOT, "fairseq_dp")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "e2e_generation.json")
-DEFAULT_POOL = "/work/shared/data/public_pool/pool.tsv.gz"
-DEFAULT_E2E = "/work/shared/data/e2e"
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+# ../shared beside the checkout, as on the project's machines
+DEFAULT_POOL = os.path.join(os.path.dirname(ROOT), "shared", "data", "public_pool", "pool.tsv.gz")
+DEFAULT_E2E = os.path.join(os.path.dirname(ROOT), "shared", "data", "e2e")
 
 
 def machine() -> str:
