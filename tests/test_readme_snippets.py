@@ -103,14 +103,17 @@ def write_e2e_csv(out_dir, n_train, n_dev):
 
     rng = random.Random(0)
     os.makedirs(out_dir, exist_ok=True)
-    for name, n in (("trainset.csv", n_train), ("devset.csv", n_dev)):
+    # the test file: 3 MRs with 2 references each (E2E's testset_w_refs.csv has several per MR)
+    for name, n, refs in (("trainset.csv", n_train, 1), ("devset.csv", n_dev, 1), ("testset_w_refs.csv", 3, 2)):
         with open(os.path.join(out_dir, name), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["mr", "ref"])
             for i in range(n):
                 food, area = rng.choice(["Thai", "Italian", "French"]), rng.choice(["riverside", "city centre"])
-                writer.writerow([f"name[The Vaults {i}], food[{food}], area[{area}]",
-                                 f"The Vaults {i} serves {food} food in the {area}."])
+                for r in range(refs):
+                    writer.writerow([f"name[The Vaults {i}], food[{food}], area[{area}]",
+                                     f"The Vaults {i} serves {food} food in the {area}." if r == 0 else
+                                     f"In the {area}, The Vaults {i} has {food} food."])
 
 
 def write_random_gpt2(out_dir):
