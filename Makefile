@@ -21,7 +21,7 @@ WHISPER := openai-whisper==20250625
 PYCOCOEVALCAP := pycocoevalcap==1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-generation clean
 
 install: $(STAMP)
 
@@ -39,8 +39,22 @@ $(STAMP): setup.py Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# `make demo TASK=generation` is `make demo-generation`; TASK=classification
+# (or no TASK) the RGP classification demo
+ifneq ($(filter-out generation classification,$(TASK)),)
+$(error TASK=$(TASK): want TASK=classification (the default) or TASK=generation)
+endif
+ifeq ($(TASK),generation)
+demo: demo-generation
+else
 demo: $(STAMP)
 	$(PY) -m fairseq_dp.demo $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT))
+endif
+
+# private text generation: DP-LoRA on a generated table-to-text task, from a
+# tiny GPT-2-shaped model pre-trained here on generated public text
+demo-generation: $(STAMP)
+	$(PY) -m fairseq_dp.demo_generation $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .hypothesis
