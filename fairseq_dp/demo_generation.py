@@ -15,8 +15,9 @@
    transformer_lm_lora``) on the private pairs under a target ε, streaming
    fairseq's progress.
 5. Decodes the test MRs with beam search (``fairseq_dp.generate``), prints a few
-   MR -> sentence examples and corpus BLEU (sacrebleu) against the template
-   references, for the fine-tuned model and for the public model before
+   MR -> sentence examples and the E2E challenge's corpus BLEU
+   (``fairseq_dp.eval_e2e``: mteval-v13a, case-insensitive, multi-reference)
+   against the template references, for the fine-tuned model and for the public model before
    fine-tuning, and the privacy spent (ε, δ, σ, updates).
 
 Everything goes under ``--out``; ``results.json`` there holds the numbers.
@@ -25,6 +26,7 @@ tests); its BLEU means nothing.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,13 +39,13 @@ PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 # what the flags default to, and what --quick changes (any flag given on the
 # command line wins over both)
 FULL = {
-    "train_examples": 2000, "valid_examples": 200, "test_mrs": 100, "refs_per_test": 5,
-    "public_places": 2500, "pretrain_updates": 120, "pretrain_batch": 8, "pretrain_lr": 5e-3,
-    "epochs": 3, "batch_size": 200, "micro_batch": 50, "lr": 1e-2, "beam": 5,
+    "train_examples": 1500, "valid_examples": 150, "test_mrs": 100, "refs_per_test": 5,
+    "public_places": 2000, "pretrain_updates": 250, "pretrain_batch": 8, "pretrain_lr": 5e-3,
+    "epochs": 1, "batch_size": 75, "micro_batch": 25, "lr": 1e-2, "beam": 5,
 }
 QUICK = {
-    "train_examples": 200, "valid_examples": 40, "test_mrs": 12, "refs_per_test": 3,
-    "public_places": 200, "pretrain_updates": 12, "pretrain_batch": 4,
+    "train_examples": 100, "valid_examples": 20, "test_mrs": 8, "refs_per_test": 3,
+    "public_places": 100, "pretrain_updates": 6, "pretrain_batch": 4,
     "epochs": 1, "batch_size": 50, "micro_batch": 25, "beam": 2,
 }
 
@@ -136,35 +138,15 @@ def write_data(out: str, args) -> dict:
     return {**csvs, **bins}
 
 
-def test_references(path: str):
-    """(distinct MRs in first-appearance order, their references) of an E2E CSV."""
-    import csv
-
-    refs = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            refs.setdefault(row["mr"], []).append(row["ref"])
-    return list(refs), list(refs.values())
-
-
-def corpus_bleu(hyps, refs) -> float:
-    """sacrebleu's corpus BLEU (13a tokenization, case-sensitive) with every
-    reference of each MR; sacrebleu wants one stream per reference index."""
-    import sacrebleu
-
-    most = max(len(r) for r in refs)
-    # an MR with fewer references repeats its last one (BLEU's clipped counts
-    # take the maximum over references, so a repeat changes nothing)
-    streams = [[r[min(i, len(r) - 1)] for r in refs] for i in range(most)]
-    return sacrebleu.corpus_bleu(hyps, streams).score
-
-
 def decode(checkpoint: str, data: str, prompts, args):
     from .generate import GenerationSettings, load_generator
 
     settings = GenerationSettings(beam=args.beam, lenpen=args.lenpen, no_repeat_ngram_size=args.no_repeat_ngram,
                                   max_new_tokens=args.max_new_tokens)
-    return load_generator(checkpoint, data=data, settings=settings).generate(prompts, batch_size=32)
+    # "pair" for the public model too: both read "</s> MR </s>" and stop at </s>
+    # (the public model's own data was plain text, which would make it "</s> MR")
+    generator = load_generator(checkpoint, data=data, settings=settings, prompt_style="pair")
+    return generator.generate(prompts, batch_size=32)
 
 
 def write_lines(path: str, lines) -> str:
@@ -187,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--refs-per-test", type=int, help="reference sentences per test MR")
     d.add_argument("--public-places", type=int, help="places the public text describes (2 to 4 lines each)")
     m = p.add_argument_group("model")
-    m.add_argument("--layers", type=int, default=2)
+    # the layers cost little next to the 50k-token output layer, whose cost grows with the width
+    m.add_argument("--layers", type=int, default=4)
     m.add_argument("--width", type=int, default=64, help="embedding width (the FFN is 4x)")
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--positions", type=int, default=128, help="learned positions, the longest example")
@@ -206,16 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--clip-norm", type=float, default=1.0, help="per-example gradient norm bound C")
     f.add_argument("--lora-rank", type=int, default=8)
     f.add_argument("--lora-alpha", type=float, default=16.0)
-    f.add_argument("--lora-targets", default="q,v", help="from q,k,v,out,fc1,fc2")
+    f.add_argument("--lora-targets", default="q,k,v,out,fc1,fc2",
+                   help="the matrices that get adapters, from q,k,v,out,fc1,fc2")
     g = p.add_argument_group("decoding")
     g.add_argument("--beam", type=int)
     g.add_argument("--lenpen", type=float, default=1.0)
-    g.add_argument("--no-repeat-ngram", type=int, default=0)
+    g.add_argument("--no-repeat-ngram", type=int, default=4, help="no n-gram of this size twice in a sentence")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--examples", type=int, default=5, help="MR -> sentence examples to print")
     g.add_argument("--skip-public-bleu", action="store_true",
                    help="do not decode with the public model (the contrast before fine-tuning)")
     p.add_argument("--seed", type=int, default=1, help="data and fairseq seed (the DP noise is secret randomness)")
+    # measured on a shared 2-core machine: 2 threads were 1.5-2x slower to train and
+    # 12x slower to decode than 1 whenever other jobs kept a core busy
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for training and decoding (default 1). More help only on cores that "
+                   "nothing else uses: a thread that waits for a busy core stalls every small matrix product")
     return p
 
 
@@ -227,11 +216,40 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.batch_size % args.micro_batch:
         p.error("--batch-size must be a multiple of --micro-batch")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
     return args
+
+
+@contextlib.contextmanager
+def thread_limit(threads):
+    """``threads`` for the fairseq processes (OMP_NUM_THREADS) and for decoding
+    in this one, restored afterwards (``main`` also runs inside the tests)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    old_env, old_torch = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        if old_env is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old_env
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with thread_limit(args.threads):
+        return run_demo(args)
+
+
+def run_demo(args):
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     timings = {}
@@ -253,16 +271,19 @@ def main(argv=None):
     epsilon, sigma, updates = (values(lines, "train", key) for key in ("dp_epsilon", "dp_sigma", "num_updates"))
     checkpoint = os.path.join(args.out, "checkpoints", "checkpoint_last.pt")
 
+    from .eval_e2e import mteval_bleu, read_e2e_references
+
     t = time.time()
-    mrs, refs = test_references(paths["test"])
+    mrs, refs = read_e2e_references(paths["test"])
     hyps = decode(checkpoint, paths["private"], mrs, args)
     write_lines(os.path.join(args.out, "hyps.txt"), hyps)
-    bleu = corpus_bleu(hyps, refs)
+    # the E2E challenge's BLEU (fairseq-dp-eval-e2e's), on the 0-100 scale
+    bleu = 100 * mteval_bleu(hyps, refs)
     public_bleu = None
     if not args.skip_public_bleu:
         public_hyps = decode(public_lm, paths["public"], mrs, args)
         write_lines(os.path.join(args.out, "hyps_public.txt"), public_hyps)
-        public_bleu = corpus_bleu(public_hyps, refs)
+        public_bleu = 100 * mteval_bleu(public_hyps, refs)
     timings["generate"] = time.time() - t
 
     print(f"\n[demo] {min(args.examples, len(mrs))} of the {len(mrs)} test MRs (attribute combinations "

@@ -14,12 +14,12 @@ orders, so one MR has many correct sentences. Names and landmarks are made up
   multi-reference BLEU. The test MRs are *unseen combinations*: no train or
   valid MR has the same attributes and values apart from the name
   (:func:`combination_key`), so a model cannot pass by recalling one.
-- :func:`public_lines` writes the "public" text for pre-training: short
-  descriptions of other places (hotels, museums, shops, parks, markets and some
-  eateries) with their own names and templates, a few lines a place, and no MR
-  anywhere. It shares everyday words with the private task (Italian, cheap,
-  riverside, family friendly, ...), as public web text would, but not its
-  format, its names or its sentences.
+- :func:`public_lines` writes the "public" text for pre-training: a town guide
+  about other venues (names recombined from the private names' words, never
+  one of them) in the same town (its landmarks, dishes and price words), a few
+  lines a venue, in sentence shapes of its own, with no MR anywhere. It plays
+  the part of the public web text a real model is pre-trained on: it knows the
+  words, not the private records nor the MR -> sentence format.
 
 Everything is a function of the seed: the same seed gives the same files.
 """
@@ -34,8 +34,8 @@ ATTRIBUTES = ("name", "eatType", "food", "priceRange", "customer rating", "area"
 OPTIONAL = ATTRIBUTES[1:]
 
 NAMES = ["The Copper Kettle", "Blue Lantern", "The Old Mill", "Saffron House", "Green Olive", "The Red Lion",
-         "Harbour View", "The Silver Spoon", "Moonrise", "The Bell Tower", "Little Tokyo", "The Black Swan",
-         "Golden Dragon", "The Oak Room", "Cafe Marigold", "The Lantern Inn"]
+         "Harbour View", "The Silver Spoon", "Moon Garden", "The Bell Tower", "Little Bridge", "The Black Swan",
+         "Golden Dragon", "The Oak Room", "Marigold Inn", "The Lantern Inn"]
 VALUES: Dict[str, List[str]] = {
     "eatType": ["restaurant", "pub", "coffee shop"],
     "food": ["Italian", "French", "Chinese", "Indian", "Japanese", "English", "Fast food"],
@@ -47,7 +47,7 @@ VALUES: Dict[str, List[str]] = {
              "Clock Tower Park", "the Art Museum", "Rainbow Noodle Bar", "the Market Hall", "St Mary's Church"],
 }
 # how often an optional attribute is in an MR (E2E's MRs have 3 to 8 attributes)
-P_ATTRIBUTE = 0.55
+P_ATTRIBUTE = 0.45
 MIN_OPTIONAL = 2
 
 Record = Dict[str, str]
@@ -118,7 +118,13 @@ NEAR = ["near", "close to", "not far from"]
 
 
 def _food(record: Record) -> str:
+    """The food as an adjective: ``Italian``, ``fast food``."""
     return "fast food" if record["food"] == "Fast food" else record["food"]
+
+
+def _food_noun(value: str) -> str:
+    """The food as a noun: ``Italian food``, ``fast food``."""
+    return "fast food" if value == "Fast food" else f"{value} food"
 
 
 def _noun(record: Record, rng: random.Random, adjectives: bool) -> str:
@@ -162,8 +168,8 @@ def _rest(record: Record, rng: random.Random) -> List[str]:
     said = record["_said"]
     clauses = []
     if "food" in record and "food" not in said:
-        clauses.append(rng.choice([f"serves {_food(record)} food", f"offers {_food(record)} food",
-                                   f"provides {_food(record)} food"]))
+        food = _food_noun(record["food"])
+        clauses.append(rng.choice([f"serves {food}", f"offers {food}", f"provides {food}"]))
     if "priceRange" in record and "priceRange" not in said:
         clauses.append(rng.choice(PRICE_CLAUSE[record["priceRange"]]))
     if "customer rating" in record:
@@ -272,50 +278,115 @@ def write_private_csvs(out_dir: str, n_train: int, n_valid: int, n_test: int, re
 
 
 # ---------------------------------------------------------------- public text
+# A town guide: the same town (landmarks, dishes, prices, the words people use
+# for them) as the private records, as public web text would describe it, but
+# other venues (names recombined from the private names' words, never one of
+# them), other sentence shapes, a few facts a line, and no MR. A venue's lines
+# follow each other and repeat its name and facts: pre-trained on blocks of
+# consecutive lines, the model learns to carry words from earlier lines into
+# later ones, which is what reading "MR </s> sentence" needs.
 
-PUBLIC_NAMES = ["Northgate", "The Willow", "Castle Hill", "Orchard Lane", "The Foundry", "Kingsway",
-                "Elm Court", "The Crescent", "Meadowbrook", "Stonebridge", "The Quay", "Hilltop",
-                "Ashford", "The Gallery Rooms", "Parkside", "Westfield", "The Granary", "Fox Hollow",
-                "Brook Street", "The Observatory"]
-PUBLIC_KINDS = ["hotel", "museum", "bookshop", "bakery", "market", "gallery", "park", "library", "cinema",
-                "theatre", "bar", "cafe", "restaurant", "pub", "coffee shop", "gym"]
-PUBLIC_PLACES = ["in the city centre", "by the river", "on the riverside", "near the station", "in the old town",
-                 "next to the park", "close to the university", "on the high street", "near the harbour"]
-PUBLIC_FEATURES = ["a large garden", "free parking", "a small terrace", "live music on Fridays", "a quiet reading room",
-                   "a rooftop view", "friendly staff", "long opening hours", "a play area for children",
-                   "Italian coffee", "French pastries", "Indian spices", "Japanese tea", "Chinese lanterns",
-                   "English breakfast", "fast food stalls", "cheap tickets", "a high ceiling", "low prices"]
-PUBLIC_OPINIONS = ["is popular with students", "is busy at weekends", "is quiet in the morning",
-                   "is family friendly", "is not suitable for children", "is cheap", "is rather expensive",
-                   "has an average reputation", "is rated highly by visitors", "gets a low score from critics",
-                   "is open every day", "closes early on Sundays", "was renovated last year",
-                   "is moderately priced", "has prices of about £20", "costs more than £30 for two"]
+NAME_WORDS = (["Copper", "Blue", "Old", "Saffron", "Green", "Red", "Harbour", "Silver", "Golden", "Oak", "Black",
+               "Bell", "Little", "Marigold", "Moon"],
+              ["Kettle", "Lantern", "Mill", "House", "Olive", "Lion", "View", "Spoon", "Dragon", "Room", "Swan",
+               "Tower", "Garden", "Inn", "Bridge"])
+# the guide's own phrasings (verb phrases after the venue's name or "it")
+GUIDE_PRICE = {
+    "cheap": ["keeps its prices cheap", "is a cheap place to eat"],
+    "moderate": ["keeps its prices moderate", "is moderately priced for the town"],
+    "high": ["charges high prices", "is an expensive place to eat"],
+    "less than £20": ["charges less than £20 a head", "asks less than £20 for a meal"],
+    "£20-25": ["charges £20-25 a head", "asks £20-25 for a meal"],
+    "more than £30": ["charges more than £30 a head", "asks more than £30 for a meal"],
+}
+GUIDE_RATING = {
+    "low": ["gets a low customer rating", "gets a low rating from visitors"],
+    "average": ["gets an average customer rating", "gets an average rating from visitors"],
+    "high": ["gets a high customer rating", "gets a high rating from visitors"],
+    "1 out of 5": ["gets a customer rating of 1 out of 5", "gets 1 out of 5 from visitors"],
+    "3 out of 5": ["gets a customer rating of 3 out of 5", "gets 3 out of 5 from visitors"],
+    "5 out of 5": ["gets a customer rating of 5 out of 5", "gets 5 out of 5 from visitors"],
+}
+GUIDE_FAMILY = {"yes": ["is a good choice for families", "is kid friendly", "is family friendly"],
+                "no": ["is no place for children", "is not kid friendly", "is not family friendly"]}
+GUIDE_EXTRAS = ["has a large garden", "has free parking", "has live music on Fridays", "opens late",
+                "closes early on Sundays", "was renovated last year", "is popular with students",
+                "is busy at weekends", "has a small terrace", "has friendly staff"]
+
+
+def public_names() -> List[str]:
+    """Venue names of the public text: pairs of the private names' words, none a private name."""
+    private = {name[4:] if name.startswith("The ") else name for name in NAMES}
+    first, second = NAME_WORDS
+    return [f"{a} {b}" for a in first for b in second if a != b and f"{a} {b}" not in private]
+
+
+def _guide_facts(rng: random.Random, record: Record) -> List[str]:
+    """A venue's facts in the guide's own phrasings (verb phrases)."""
+    facts = [f"is a {record.get('eatType', 'place to eat')}"]
+    if "food" in record:
+        facts.append(rng.choice([f"serves {_food_noun(record['food'])}", f"has a menu of {_food_noun(record['food'])}",
+                                 f"is known for its {_food(record)} cooking"]))
+    if "priceRange" in record:
+        facts.append(rng.choice(GUIDE_PRICE[record["priceRange"]]))
+    if "customer rating" in record:
+        facts.append(rng.choice(GUIDE_RATING[record["customer rating"]]))
+    if "area" in record:
+        facts.append(f"is {rng.choice(AREA[record['area']])}")
+    if "near" in record:
+        facts.append(f"is {rng.choice(NEAR)} {record['near']}")
+    if "familyFriendly" in record:
+        facts.append(rng.choice(GUIDE_FAMILY[record["familyFriendly"]]))
+    facts.append(rng.choice(GUIDE_EXTRAS))
+    return facts
+
+
+def _guide_lines(rng: random.Random, name: str) -> List[str]:
+    """Two to four lines about one venue: a line or two in the guide's words
+    with some of its facts, and a description that says all of them (the way
+    restaurants are described anywhere, the private sentences included), in
+    either order. The venue's record is drawn as a private one is, but it is
+    never written as an MR."""
+    record = dict(draw_record(rng), name=name)
+    facts = _guide_facts(rng, record)
+    guide = []
+    for i in range(rng.randint(1, 2)):
+        told = rng.sample(facts, min(len(facts), rng.randint(1, 3)))
+        subject = name if i == 0 else rng.choice([name, "it", f"the {record.get('eatType', 'place')}"])
+        line = rng.choice(["{} {}.", "We found that {} {}.", "Visitors say {} {}.",
+                           "In the guide, {} {}."]).format(subject, _join(told))
+        guide.append(line[0].upper() + line[1:])
+    # a listing: its tag line, then its description, then or before them the guide's lines
+    listing = [_tag_line(rng, record), realize(record, rng)]
+    return guide + listing if rng.random() < 0.5 else listing + guide
+
+
+def _tag_line(rng: random.Random, record: Record) -> str:
+    """``Tags: #Green Lion #pub #cheap #riverside``, as web listings have
+    them: each value written right after a ``#`` is tokenized as it is right
+    after an MR's ``[`` (GPT-2's BPE gives a word without a space before it
+    other tokens than the same word after a space), so the public model has
+    seen those tokens too; a pre-trained GPT-2 has seen every token in both forms."""
+    tags = ["#" + record["name"]]
+    for attribute in OPTIONAL:
+        if attribute in record:
+            value = record[attribute]
+            if attribute == "familyFriendly":
+                value = "kid friendly" if value == "yes" else "adults only"
+            tags.append("#" + value)
+    rng.shuffle(tags)
+    return "Tags: " + " ".join(tags)
 
 
 def public_lines(n_places: int, seed: int = 0) -> List[str]:
-    """Two to four lines about each of ``n_places`` places, one sentence a
-    line; a place's later lines refer back to its name."""
+    """The guide: two to four lines about each of ``n_places`` venues, one
+    sentence a line."""
     rng = random.Random(seed)
+    names = public_names()
     lines = []
     for _ in range(n_places):
-        name, kind = rng.choice(PUBLIC_NAMES), rng.choice(PUBLIC_KINDS)
-        article = "an" if kind[0] in "aeiou" else "a"
-        first = rng.choice([
-            f"{name} is {article} {kind} {rng.choice(PUBLIC_PLACES)}.",
-            f"You will find {name}, {article} {kind}, {rng.choice(PUBLIC_PLACES)}.",
-            f"The {kind} at {name} opened {rng.choice(['last spring', 'in 1998', 'a few years ago', 'recently'])}.",
-            f"{name} is a well known {kind} {rng.choice(PUBLIC_PLACES)}.",
-        ])
-        more = []
-        for _ in range(rng.randint(1, 3)):
-            more.append(rng.choice([
-                f"{name} {rng.choice(PUBLIC_OPINIONS)}.",
-                f"Visitors to {name} enjoy {rng.choice(PUBLIC_FEATURES)}.",
-                f"The {kind} has {rng.choice(PUBLIC_FEATURES)} and {rng.choice(PUBLIC_FEATURES)}.",
-                f"It {rng.choice(PUBLIC_OPINIONS)} and has {rng.choice(PUBLIC_FEATURES)}.",
-                f"People say that {name} {rng.choice(PUBLIC_OPINIONS)}.",
-            ]))
-        lines += [first] + more
+        name = rng.choice(names)
+        lines += _guide_lines(rng, ("The " if rng.random() < 0.4 else "") + name)
     return lines
 
 
