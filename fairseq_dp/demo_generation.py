@@ -39,9 +39,9 @@ PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 # what the flags default to, and what --quick changes (any flag given on the
 # command line wins over both)
 FULL = {
-    "train_examples": 1500, "valid_examples": 150, "test_mrs": 100, "refs_per_test": 5,
-    "public_places": 2000, "pretrain_updates": 250, "pretrain_batch": 8, "pretrain_lr": 5e-3,
-    "epochs": 1, "batch_size": 75, "micro_batch": 25, "lr": 1e-2, "beam": 5,
+    "train_examples": 1200, "valid_examples": 120, "test_mrs": 100, "refs_per_test": 5,
+    "public_places": 2000, "pretrain_updates": 200, "pretrain_batch": 8, "pretrain_lr": 5e-3,
+    "epochs": 1, "batch_size": 60, "micro_batch": 20, "lr": 1e-2, "beam": 5,
 }
 QUICK = {
     "train_examples": 100, "valid_examples": 20, "test_mrs": 8, "refs_per_test": 3,
