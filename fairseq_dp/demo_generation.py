@@ -21,6 +21,10 @@
    fine-tuning, and the privacy spent (ε, δ, σ, updates).
 
 Everything goes under ``--out``; ``results.json`` there holds the numbers.
+The guarantee covers the private training pairs; the per-epoch validation
+loss on the private validation pairs is printed outside it (as in any
+fairseq run), and the reported BLEU is that of ``checkpoint_last.pt``, not
+of a checkpoint picked on them.
 ``--quick`` runs the same steps at a size that takes about a minute (for the
 tests); its BLEU means nothing.
 """
@@ -33,6 +37,7 @@ import sys
 import time
 
 from .demo import run, values
+from .errors import DPConfigError
 
 PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -214,10 +219,13 @@ def parse_args(argv=None):
     for key, value in {**FULL, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for name in ("train_examples", "valid_examples", "test_mrs", "refs_per_test", "public_places", "layers",
+                 "width", "heads", "positions", "pretrain_updates", "pretrain_batch", "epochs", "batch_size",
+                 "micro_batch", "lora_rank", "beam", "max_new_tokens", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch_size % args.micro_batch:
         p.error("--batch-size must be a multiple of --micro-batch")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be at least 1")
     return args
 
 
@@ -225,9 +233,6 @@ def parse_args(argv=None):
 def thread_limit(threads):
     """``threads`` for the fairseq processes (OMP_NUM_THREADS) and for decoding
     in this one, restored afterwards (``main`` also runs inside the tests)."""
-    if threads is None:
-        yield
-        return
     import torch
 
     old_env, old_torch = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
@@ -245,12 +250,19 @@ def thread_limit(threads):
 
 def main(argv=None):
     args = parse_args(argv)
-    with thread_limit(args.threads):
-        return run_demo(args)
+    try:
+        with thread_limit(args.threads):
+            return run_demo(args)
+    except DPConfigError as e:
+        # a user mistake: its message alone, no traceback
+        print(f"demo_generation: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_demo(args):
     start = time.time()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DPConfigError(f"--out {args.out} is a file; give a directory (created if missing)")
     os.makedirs(args.out, exist_ok=True)
     timings = {}
 
@@ -269,6 +281,8 @@ def run_demo(args):
     lines = run(finetune_command(paths["private"], public_lm, args.out, args))
     timings["finetune"] = time.time() - t
     epsilon, sigma, updates = (values(lines, "train", key) for key in ("dp_epsilon", "dp_sigma", "num_updates"))
+    if not epsilon:
+        sys.exit("[demo] the fine-tuning run logged no training epoch (see train.log)")
     checkpoint = os.path.join(args.out, "checkpoints", "checkpoint_last.pt")
 
     from .eval_e2e import mteval_bleu, read_e2e_references

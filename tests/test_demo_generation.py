@@ -70,7 +70,7 @@ def test_sentences_say_their_attributes():
                 assert any(text in sentence for text in must[attribute](value)), (mr, sentence)
             if attribute in ("priceRange", "customer rating") and ("£" in value or "out of" in value):
                 assert value in sentence, (mr, sentence)
-        assert sentence.endswith(".") and "[" not in sentence
+        assert sentence.startswith(record["name"]) and sentence.endswith(".") and "[" not in sentence
 
 
 def test_public_text_is_not_the_private_task():
@@ -119,3 +119,22 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert reference == pytest.approx(eps, abs=0.05)
     assert re.search(r"BLEU on \d+ unseen test MRs", printed)
     assert 0 <= result["bleu"] <= 100 and 0 <= result["public_bleu"] <= 100
+
+
+def test_user_mistakes_get_a_message(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--batch-size", "30", "--micro-batch", "20"])
+    assert e.value.code == 2 and "--batch-size must be a multiple of --micro-batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--test-mrs", "0"])
+    assert e.value.code == 2 and "--test-mrs must be at least 1" in capsys.readouterr().err
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--out", str(not_a_dir)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a file" in err and "Traceback" not in err
+    # a test set that covers so much that training MRs can hardly be drawn: an error, not an endless loop
+    monkeypatch.setattr(restaurants, "MAX_REDRAWS", 1)
+    with pytest.raises(restaurants.DPConfigError, match="ask for fewer test MRs"):
+        restaurants.make_private_splits(200, 0, 500, refs_per_test=1)

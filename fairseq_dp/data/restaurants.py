@@ -5,7 +5,8 @@ The private data imitates E2E NLG: a *meaning representation* (MR), an
 attribute list such as ``name[The Copper Kettle], eatType[pub], food[Italian],
 area[riverside]``, and a sentence that says every attribute in it. Sentences
 come from several templates with optional attributes, synonyms and clause
-orders, so one MR has many correct sentences. Names and landmarks are made up
+orders, so one MR has many correct sentences; each starts with the name, as
+most E2E references do. Names and landmarks are made up
 (none is E2E's).
 
 - :func:`make_private_splits` draws the train, valid and test MRs. Each train
@@ -29,6 +30,8 @@ import os
 import random
 from typing import Dict, List, Sequence, Tuple
 
+from ..errors import DPConfigError
+
 # E2E's attribute order in an MR
 ATTRIBUTES = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
 OPTIONAL = ATTRIBUTES[1:]
@@ -49,6 +52,7 @@ VALUES: Dict[str, List[str]] = {
 # how often an optional attribute is in an MR (E2E's MRs have 3 to 8 attributes)
 P_ATTRIBUTE = 0.45
 MIN_OPTIONAL = 2
+MAX_REDRAWS = 10_000
 
 Record = Dict[str, str]
 
@@ -196,13 +200,13 @@ def realize(record: Record, rng: random.Random) -> str:
         place = _place(r, rng)
         if place:
             first += " " + " ".join(place)
-    elif template == 1:  # "Located by the riverside, X is an Italian pub. ..."
+    elif template == 1:  # "X is located by the riverside and is an Italian pub. ..."
         place = _place(r, rng)
         noun = _noun(r, rng, adjectives=rng.random() < 0.5)
-        first = (f"Located {' '.join(place)}, {name} is {noun}" if place else f"{name} is {noun}")
-    elif template == 2:  # "There is a cheap pub called X by the riverside. ..."
+        first = (f"{name} is located {' and '.join(place)} and is {noun}" if place else f"{name} is {noun}")
+    elif template == 2:  # "X is the name of a cheap pub by the riverside. ..."
         noun = _noun(r, rng, adjectives=True)
-        first = f"There is {noun} called {name}"
+        first = f"{name} is the name of {noun}"
         place = _place(r, rng)
         if place:
             first += " " + " ".join(place)
@@ -232,26 +236,27 @@ def make_private_splits(
     for ``n_test`` distinct MRs whose :func:`combination_key` no train or valid
     record has."""
     rng = random.Random(seed)
+
+    def draw(refuse) -> Record:
+        # the attribute combinations number about 10^5, but the likely ones far
+        # fewer: a test set that takes most of them would leave nothing to draw
+        for _ in range(MAX_REDRAWS):
+            record = draw_record(rng)
+            if combination_key(record) not in refuse:
+                return record
+        raise DPConfigError(f"{MAX_REDRAWS} draws in a row hit one of the {len(test_keys)} test combinations: "
+                            "ask for fewer test MRs")
+
     # test first, then train/valid avoid its combinations: the test set keeps
     # its size however large train is
     test, test_keys = [], set()
     while len(test) < n_test:
-        record = draw_record(rng)
-        key = combination_key(record)
-        if key in test_keys:
-            continue
-        test_keys.add(key)
+        record = draw(test_keys)
+        test_keys.add(combination_key(record))
         test.append((mr_string(record), [realize(record, rng) for _ in range(refs_per_test)]))
-    splits = []
-    for n in (n_train, n_valid):
-        pairs = []
-        while len(pairs) < n:
-            record = draw_record(rng)
-            if combination_key(record) in test_keys:
-                continue
-            pairs.append((mr_string(record), realize(record, rng)))
-        splits.append(pairs)
-    return splits[0], splits[1], test
+    train, valid = ([(mr_string(r), realize(r, rng)) for r in (draw(test_keys) for _ in range(n))]
+                    for n in (n_train, n_valid))
+    return train, valid, test
 
 
 def write_e2e_csv(path: str, rows: Sequence[Tuple[str, str]]) -> str:
