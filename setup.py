@@ -65,6 +65,7 @@ setup(
             # needs pycocoevalcap==1.2, installed by the Makefile with --no-deps
             # (it declares pycocotools, which the scorers never import)
             "fairseq-dp-eval-e2e = fairseq_dp.eval_e2e:main",
+            "fairseq-dp-audit = fairseq_dp.audit.run:main",
         ],
     },
 )

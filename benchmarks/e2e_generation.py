@@ -355,11 +355,10 @@ def finetune_command(args, data: str, init: str, save_dir: str, family: str, eps
 def ledger_epsilon(ckpt: str, delta: float) -> dict:
     """ε, σ and updates as the checkpoint's own privacy ledger states them (the
     ledger travels in the model state as ``dp_ledger``; its digest is checked)."""
-    import torch
-    from fairseq_dp.accounting import LEDGER_KEYS, PrivacyAccountant, epsilon_of, restore_ledger
+    from fairseq_dp.accounting import PrivacyAccountant, epsilon_of, restore_ledger
+    from fairseq_dp.checkpoint_ledger import read_ledger
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    entries = {k: v for key, v in state["model"].items() for k in LEDGER_KEYS if key.split(".")[-1] == k}
+    entries = read_ledger(ckpt)
     if not entries:
         return {"ledger_updates": 0}
     accountant = PrivacyAccountant("prv")

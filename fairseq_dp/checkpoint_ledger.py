@@ -83,6 +83,19 @@ def read_checkpoint_history(path: str) -> Tuple[Optional[Dict[str, torch.Tensor]
     return entries, trained_by_dp_task(state)
 
 
+def read_ledger(path: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The ledger entries a checkpoint holds: in the model state, where training
+    keeps them with the weights, or at the top level (merged and exported
+    checkpoints); None when it has neither."""
+    state = _load(path)
+    top = state.get(TOP_LEVEL_KEY)
+    if isinstance(top, dict) and LEDGER_KEY in top:
+        return dict(top)
+    model = state.get("model") or {}
+    entries = {k: v for key, v in model.items() for k in LEDGER_KEYS if key.split(".")[-1] == k}
+    return entries if LEDGER_KEY in entries else None
+
+
 def best_checkpoint_paths(save_dir: str, suffix: str = "") -> list:
     """fairseq's names for checkpoints chosen by validation:
     ``checkpoint_best.pt`` and ``--keep-best-checkpoints``' ``checkpoint.best_*``."""
