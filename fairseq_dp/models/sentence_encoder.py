@@ -189,6 +189,12 @@ def keep_first_token_pooling_of_old_checkpoint(model_cfg) -> None:
         return
     else:
         model_cfg.classification_pooling = "cls"
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    model_class = ARCH_MODEL_REGISTRY.get(get("arch") or get("_name"))
+    if model_class is not None and not model_class.__module__.startswith("fairseq_dp."):
+        return  # fairseq's own RoBERTa archs have no such flag: first token is all they know
     logger.warning("the checkpoint predates --classification-pooling: its heads keep reading the first token")
 
 
