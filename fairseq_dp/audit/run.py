@@ -20,6 +20,7 @@ outcome, not a sign of extra privacy: a one-run, black-box audit is loose.
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import subprocess
@@ -116,6 +117,7 @@ def plot_scores(scores, included, path: str, title: str) -> Optional[str]:
         import matplotlib
 
         matplotlib.use("Agg")
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger verbose
         import matplotlib.pyplot as plt
     except ImportError:
         return None
