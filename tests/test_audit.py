@@ -204,7 +204,16 @@ def test_audit_finds_no_violation_with_dp_and_catches_dropped_noise(audit_lm_dat
     (["--out", "o", "--", "fairseq-train", "D", "--arch", "no_such_arch"], "--arch"),
     (["--out", "o", "--significance", "2", "--", "fairseq-train", "D"], "significance"),
 ])
-def test_user_mistakes_get_a_message(argv, message, tmp_path):
-    proc = subprocess.run([os.path.join(BIN, "fairseq-dp-audit"), *argv], capture_output=True, text=True,
-                          cwd=tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_user_mistakes_get_a_message(argv, message, tmp_path, monkeypatch, capsys):
+    from fairseq_dp.audit.run import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_command_line_mistake_has_no_traceback(tmp_path):
+    proc = subprocess.run([os.path.join(BIN, "fairseq-dp-audit"), "--out", "o", "--", "fairseq-train", "D",
+                           "--arch", "no_such_arch"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "--arch" in proc.stderr and "Traceback" not in proc.stderr
