@@ -13,7 +13,7 @@ a privacy bug); how far below it stays says how loose a one-run black-box
 audit is, not how private the run "really" is.
 
 The default model is tiny and trained from scratch (MiniLM's vocabulary, 2
-layers, width 128), so the twelve runs fit in about 20 minutes of two CPU cores;
+layers, width 128), so the twelve runs fit in about 20 minutes of one CPU core;
 ``--model minilm`` fine-tunes the converted all-MiniLM-L6-v2 instead (hours).
 Writes ``benchmarks/results/privacy_audit.json`` and a plot next to it.
 """
@@ -186,10 +186,10 @@ def main(argv=None):
     p.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
-    p.add_argument("--train-examples", type=int, default=2000, help="fixed random subset of train.tsv")
+    p.add_argument("--train-examples", type=int, default=1000, help="fixed random subset of train.tsv")
     p.add_argument("--canaries", type=int, default=500)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=10, help="several passes: memorizing canaries needs them")
+    p.add_argument("--epochs", type=int, default=6, help="several passes: memorizing canaries needs them")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0)
