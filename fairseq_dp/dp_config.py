@@ -138,6 +138,8 @@ class DPConfig(FairseqDataclass):
     memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
     amp: bool = II("common.amp")
     bf16: bool = II("common.bf16")
+    memory_efficient_bf16: bool = II("common.memory_efficient_bf16")
+    tpu: bool = II("common.tpu")
     distributed_world_size: int = II("distributed_training.distributed_world_size")
     ddp_backend: str = II("distributed_training.ddp_backend")
     use_bmuf: bool = II("optimization.use_bmuf")
@@ -181,12 +183,33 @@ def check_dp_config(cfg) -> None:
             "without noise; validate on held-out data"
         )
     for flag, value in (("--fp16", cfg.fp16), ("--memory-efficient-fp16", cfg.memory_efficient_fp16),
-                        ("--amp", cfg.amp), ("--bf16", cfg.bf16)):
+                        ("--amp", cfg.amp)):
         if value:
             errors.append(
-                f"{flag} is not supported with DP (loss scaling would change the clip norm and "
-                "skipped overflow steps would still spend privacy); train in fp32"
+                f"{flag} is not supported with DP (dynamic loss scaling would change the clip norm "
+                "and skipped overflow steps would still spend privacy); train in fp32, or in bf16 "
+                "(common.bf16=true, which needs no loss scaling: see the README's Mixed precision)"
             )
+    if cfg.tpu:
+        errors.append(
+            "--tpu: DP training on TPUs (XLA) is not supported. fairseq-train's --bf16 and "
+            "--memory-efficient-bf16 turn --tpu on (fairseq 0.12 treats bf16 as TPU-only on its "
+            "command line); for bf16 on a GPU or CPU set common.bf16=true in a Hydra config "
+            "(fairseq-hydra-train ... common.bf16=true) or in the Python API's config, which "
+            "leaves common.tpu off"
+        )
+    if cfg.memory_efficient_bf16 and not cfg.bf16:
+        errors.append(
+            "common.memory_efficient_bf16 without common.bf16 trains in fp32 (fairseq's command "
+            "line sets bf16 with it, a Hydra config does not): set common.bf16=true as well"
+        )
+    if cfg.bf16 and cfg.distributed_world_size > 1:
+        errors.append(
+            "bf16 with several workers is not supported with DP: each worker's clipped sum, "
+            "which carries no noise except on worker 0, would be rounded to bf16 before the "
+            "all-reduce, changing the sensitivity by more than the accountant assumes; use one "
+            "worker in bf16, or several in fp32"
+        )
     if cfg.clip_norm and cfg.clip_norm > 0:
         errors.append(
             f"--clip-norm {cfg.clip_norm} clips the noisy gradient again after DP clipping; "

@@ -38,5 +38,12 @@ def gaussian_like(t: Tensor, std: float, generator: Optional[torch.Generator] = 
 
 
 def add_noise(values: Dict[str, Tensor], std: float, generator: torch.Generator) -> Dict[str, Tensor]:
-    """``values`` plus independent N(0, std²) noise on every coordinate."""
-    return {k: v + gaussian_like(v, std, generator) for k, v in values.items()}
+    """``values`` plus independent N(0, std²) noise on every coordinate. The
+    noise is drawn and added in float32 at least: values in bf16 or fp16 are
+    upcast first (and the sums come back in float32)."""
+    noisy = {}
+    for k, v in values.items():
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()
+        noisy[k] = v + gaussian_like(v, std, generator)
+    return noisy

@@ -21,6 +21,13 @@ Per micro-batch:
    batch size and written into ``.grad``; RGP carrier sums are projected onto
    the full weights. The accountant records the update at that point.
 
+Under bf16 (``common.bf16``: fairseq casts the model to bfloat16 and keeps
+float32 master weights in its ``FP16Optimizer``) the norms, clip factors,
+clipped sums and noise are float32 (``clipping.py``, ``noise.py``), and a
+parameter in bf16 gets its gradient through a float32 running sum over the
+logical batch's micro-batches: its ``.grad`` is that sum rounded to bf16 once,
+after the noise is in it, never a sum of separately rounded micro-batches.
+
 The noise and its secret randomness are in ``noise.py``; recording in
 ``recording.py``; clipping in ``clipping.py``; RGP's carriers in
 ``carriers.py``; the ledger in ``accounting.py``.
@@ -35,7 +42,7 @@ then only undoes ``legacy_ddp``'s averaging, and the result is
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,7 +50,7 @@ from torch import Tensor
 
 from .accounting import PrivacyAccountant
 from .carriers import CarrierSchedule
-from .clipping import CLIPPING_MODES, clipped_sums
+from .clipping import CLIPPING_MODES, LOW_PRECISION, at_least_float32, clipped_sums
 from .errors import DPConfigError
 from .noise import add_noise, noise_generator
 from .recording import Recorder
@@ -135,6 +142,9 @@ class DPTrainer:
             source=getattr(args, "rgp_carrier_source", "weight"),
         )
         self._micro_batches = 0
+        # float32 running sums of this logical batch's gradients of bf16 (or
+        # fp16) parameters, by parameter id
+        self._grad32: Dict[int, Tensor] = {}
         self._param_sums: Optional[Tensor] = None
         # (update, [(id, version) of each .grad]) after this trainer last wrote them
         self._last_write: Optional[Tuple[int, List[Tuple[int, int]]]] = None
@@ -211,6 +221,25 @@ class DPTrainer:
                 num_steps=update_num - self.accountant.steps,
             )
 
+    @torch.no_grad()
+    def _accumulate_in_float32(self, param: nn.Parameter, value: Tensor) -> None:
+        """``param.grad`` += ``value`` for a bf16 (or fp16) parameter, with the
+        sum kept in float32 over the logical batch: ``.grad`` becomes the
+        float32 sum rounded once. The first write of a logical batch starts
+        from whatever ``.grad`` holds (as ``_add_grad`` adds to it)."""
+        total = self._grad32.get(id(param))
+        if total is None:
+            total = value.float().clone()
+            if param.grad is not None:
+                total += param.grad.float()
+            self._grad32[id(param)] = total
+        else:
+            total += value.float()
+        if param.grad is None:
+            param.grad = total.to(param.dtype)
+        else:
+            param.grad.copy_(total)
+
     # ------------------------------------------------------------- the step
     def train_step(self, sample, model, criterion, update_num: int, ignore_grad: bool = False):
         """One micro-batch: returns ``(loss, sample_size, logging_output)`` as
@@ -254,18 +283,28 @@ class DPTrainer:
         std = settings.noise_multiplier * settings.clip_norm
         generator = self._noise_generator() if add else None
         scale = 1.0 / settings.expected_batch_size
+        if first_micro_batch:
+            self._grad32 = {}
         for (name, module, sampler) in self.recorder.tracked:
             values = summed[name] if summed is not None else sampler.zero_sum(module)
+            values = {k: at_least_float32(v) for k, v in values.items()}
             if add:
                 # a tied weight gets its noise once, through its first owner
                 skip = {k: v for k, v in values.items() if (id(module), k) in self.recorder.noise_skip}
                 values = {**add_noise({k: v for k, v in values.items() if k not in skip}, std, generator), **skip}
-            sampler.accumulate_grad(module, {k: v * scale for k, v in values.items()})
+            values = {k: v * scale for k, v in values.items()}
+            if any(p.dtype in LOW_PRECISION for p in sampler.trainable_params(module).values()):
+                for pname, value in sampler.param_grads(module, values).items():
+                    self._accumulate_in_float32(getattr(module, pname), value)
+            else:
+                sampler.accumulate_grad(module, values)
         if first_micro_batch:
             self.accountant.step(noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate)
         self._last_write = (update_num, self._grad_versions())
         self._param_sums = self._param_fingerprint()
         self._micro_batches += 1
+        if self._micro_batches >= settings.micro_batches_per_update:
+            self._grad32 = {}  # a further micro-batch would be refused
 
         logging_output["dp_sample"] = 1
         # already divided by the expected batch size: see the module docstring

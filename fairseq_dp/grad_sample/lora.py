@@ -35,10 +35,12 @@ class LoRALinearGradSampler(GradSampler):
         x = batch_first(activation, batch_dim)
         g = batch_first(grad_out, batch_dim)
         pairs = []
+        # the factors in the records' dtype (float32 when the model is bf16:
+        # clipping.py upcasts the records)
         if module.lora_B.requires_grad:
-            pairs.append(("lora_B", module.scaling * (x @ module.lora_A.detach().t()), g))
+            pairs.append(("lora_B", module.scaling * (x @ module.lora_A.detach().t().to(x.dtype)), g))
         if module.lora_A.requires_grad:
-            pairs.append(("lora_A", x, module.scaling * (g @ module.lora_B.detach())))
+            pairs.append(("lora_A", x, module.scaling * (g @ module.lora_B.detach().to(g.dtype))))
         return pairs
 
     def per_example(self, module, activation, grad_out) -> Dict[str, Tensor]:

@@ -34,5 +34,8 @@ class LowRankLinearGradSampler(GradSampler):
             "right": module.weight.new_zeros(module.rank, module.in_features),
         }
 
+    def param_grads(self, module: LowRankLinear, summed: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        return {"weight": module.project(summed["left"], summed["right"])}
+
     def accumulate_grad(self, module: LowRankLinear, summed: Dict[str, Tensor]) -> None:
-        _add_grad(module.weight, module.project(summed["left"], summed["right"]), owned=True)
+        _add_grad(module.weight, self.param_grads(module, summed)["weight"], owned=True)

@@ -77,9 +77,15 @@ class GradSampler:
         """The privatized sum of an empty batch (noise still gets added to it)."""
         return {k: torch.zeros_like(p) for k, p in self.trainable_params(module).items()}
 
+    def param_grads(self, module: nn.Module, summed: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The gradients of the module's parameters (by attribute name) that
+        the privatized sums ``summed`` stand for: the sums themselves, unless
+        the privatized quantities are not the parameters (RGP's carriers)."""
+        return summed
+
     def accumulate_grad(self, module: nn.Module, summed: Dict[str, Tensor]) -> None:
         """Add privatized sums into the parameters' ``.grad``."""
-        for name, value in summed.items():
+        for name, value in self.param_grads(module, summed).items():
             _add_grad(getattr(module, name), value)
 
 

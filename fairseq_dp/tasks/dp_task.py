@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from fairseq.optim import FP16Optimizer
 
 from .. import planning
 from ..accounting import (
@@ -43,6 +44,7 @@ from ..accounting import (
 )
 from ..checkpoint_fit import check_checkpoints_on_load, check_pretrained_checkpoint
 from ..checkpoint_ledger import read_checkpoint_history, refresh_best_checkpoint_ledgers, restored_checkpoint_path
+from ..clipping import LOW_PRECISION
 from ..data.poisson import PoissonEpochBatchIterator, draws_for_epoch, draws_per_epoch
 from ..dp_config import check_dp_config
 from ..errors import DPConfigError
@@ -51,6 +53,46 @@ from ..recording import Recorder
 from ..trainer import DPSettings, DPTrainer, PrivacyBudgetExhausted, unwrap_model
 
 logger = logging.getLogger(__name__)
+
+
+def signal_gradients_written(optimizer) -> None:
+    """Tell fairseq's optimizer that this micro-batch wrote gradients, as
+    fairseq's own ``FairseqTask.train_step`` does by calling
+    ``optimizer.backward(loss)``.
+
+    The DP step writes ``.grad`` itself, without ``optimizer.backward``. For a
+    float32 optimizer that makes no difference, but under bf16 fairseq's
+    ``FP16Optimizer`` steps float32 master weights and copies the model's
+    bf16 ``.grad`` into their gradients only when its ``backward`` has run
+    since the last ``zero_grad``: without this call it would step on zero
+    gradients every update, silently. So the task calls the public
+    ``optimizer.backward`` on a zero-valued scalar leaf of its own, which
+    reaches no parameter: its backward adds nothing to any ``.grad``, and
+    every fairseq optimizer's ``backward`` is then a no-op for the model, or
+    marks the gradients for copying (``FP16Optimizer``). If a future
+    fairseq's ``FP16Optimizer`` no longer marks them that way, this refuses
+    to go on rather than train on stale gradients."""
+    marker = torch.zeros((), requires_grad=True)
+    optimizer.backward(marker)
+    if isinstance(optimizer, FP16Optimizer) and getattr(optimizer, "_needs_sync", None) is not True:
+        raise RuntimeError(
+            "DP: fairseq's FP16Optimizer did not mark its float32 master gradients for an update "
+            "after optimizer.backward(): this fairseq version would step bf16 training on stale "
+            "gradients. bf16 with DP needs fairseq 0.12's FP16Optimizer; train in fp32"
+        )
+
+
+def log_precision(model) -> None:
+    """Say so when the model trains in bf16 (or fp16, through the Python API),
+    and where float32 is kept."""
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = sorted(str(d).replace("torch.", "") for d in dtypes if d in LOW_PRECISION)
+    if low:
+        logger.info(
+            f"DP: the model trains in {', '.join(low)}: per-example norms, clip factors, clipped sums "
+            "and the noise are float32, and each update's gradient is rounded to the model's "
+            "precision once, after the noise is added"
+        )
 
 
 def data_parallel_rank() -> int:
@@ -551,6 +593,7 @@ class DPTaskMixin:
             )
         if not self._started:
             self.start_private_training(update_num)
+            log_precision(model)
         if self.recorder is None or not self.recorder.covers(unwrap_model(model)):
             # a parameter made trainable, or a classification head registered,
             # after the model was built: check coverage again
@@ -562,6 +605,8 @@ class DPTaskMixin:
         steps_before = self.accountant.steps
         loss, sample_size, logging_output = self.dp_trainer.train_step(
             sample, model, criterion, update_num, ignore_grad)
+        if optimizer is not None:
+            signal_gradients_written(optimizer)
         if self.budget_steps is not None and steps_before < self.budget_steps == self.accountant.steps:
             logger.info(
                 f"DP: privacy budget reached: ε = {self.accountant.get_epsilon(self.cfg.dp_delta):.4g} "
