@@ -251,6 +251,10 @@ class DPTrainer:
         model.set_num_updates(update_num)
         first_micro_batch = self.starts_update(update_num)
         if first_micro_batch:
+            # a new logical batch (or an update retried after fairseq zeroed the
+            # gradients): no float32 running sum carries over, and none is held
+            # through this micro-batch's forward pass
+            self._grad32 = {}
             self.catch_up_ledger(update_num)
         if first_micro_batch and settings.budget_steps is not None and self.accountant.steps >= settings.budget_steps:
             raise PrivacyBudgetExhausted(
@@ -283,8 +287,6 @@ class DPTrainer:
         std = settings.noise_multiplier * settings.clip_norm
         generator = self._noise_generator() if add else None
         scale = 1.0 / settings.expected_batch_size
-        if first_micro_batch:
-            self._grad32 = {}
         for (name, module, sampler) in self.recorder.tracked:
             values = summed[name] if summed is not None else sampler.zero_sum(module)
             values = {k: at_least_float32(v) for k, v in values.items()}

@@ -198,6 +198,28 @@ def test_bf16_gradient_is_summed_in_float32_over_micro_batches():
     assert model.proj.weight.grad.item() == 1.0 + 2.0 ** -7
 
 
+def test_bf16_running_sum_restarts_when_an_update_is_retried():
+    """fairseq retries an update after an out-of-memory error with the
+    gradients set to None and the same update number: the float32 running sum
+    of the abandoned attempt must not leak into the retried gradient, nor into
+    the next update's."""
+    model = OneWeight().to(torch.bfloat16)
+    settings = DPSettings(clip_norm=100.0, noise_multiplier=0.0, expected_batch_size=1, sample_rate=0.5,
+                          micro_batches_per_update=2)
+    accountant = PrivacyAccountant("rdp")
+    trainer = DPTrainer(Recorder(model), accountant, settings)
+    x = torch.tensor([[2.0]], dtype=torch.bfloat16)
+    trainer.train_step(x, model, sum_criterion, 0)  # first micro-batch of an attempt that fails
+    model.proj.weight.grad = None  # fairseq's zero_grad before the retry
+    trainer.train_step(x, model, sum_criterion, 0)
+    trainer.train_step(x, model, sum_criterion, 0)
+    assert model.proj.weight.grad.item() == 4.0  # the retry's two micro-batches, not three
+    assert accountant.steps == 2  # the retried attempt is counted again (conservative)
+    model.proj.weight.grad = None
+    trainer.train_step(3 * x, model, sum_criterion, 1)
+    assert model.proj.weight.grad.item() == 6.0  # nothing of update 0 carried over
+
+
 def run_update(cfg, task, model, criterion):
     before = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     trainer = Trainer(cfg, task, model, criterion)
