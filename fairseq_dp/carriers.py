@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .clipping import at_least_float32
+
 
 class CarrierSchedule:
     """Recomputes the carriers of ``modules`` (LowRankLinear) for an update."""
@@ -42,10 +44,9 @@ class CarrierSchedule:
             matrix = module.weight.detach()
             if self.source == "update":
                 matrix = matrix - self._initial_weights[i]
-            if matrix.dtype in (torch.float16, torch.bfloat16):
-                # QR has no bf16 kernel, and carriers orthonormal to bf16's
-                # precision would make the projection grow the norm: float32
-                matrix = matrix.float()
+            # QR has no bf16 kernel, and carriers orthonormal to bf16's
+            # precision would make the projection grow the norm: float32
+            matrix = at_least_float32(matrix)
             left, right = power_iteration(matrix, module.rank, self.power_iters, generator)
             module.set_carriers(left, right, update_num)
         self.update = update_num

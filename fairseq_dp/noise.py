@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .clipping import at_least_float32
+
 # keeps the noise's seed sequence apart from other streams seeded by --seed
 NOISE_STREAM = 0x6E6F697365
 
@@ -43,7 +45,6 @@ def add_noise(values: Dict[str, Tensor], std: float, generator: torch.Generator)
     upcast first (and the sums come back in float32)."""
     noisy = {}
     for k, v in values.items():
-        if v.dtype in (torch.float16, torch.bfloat16):
-            v = v.float()
+        v = at_least_float32(v)
         noisy[k] = v + gaussian_like(v, std, generator)
     return noisy
