@@ -124,3 +124,33 @@ def refresh_best_checkpoint_ledgers(save_dir: str, suffix: str, accountant: Priv
             f"DP: {os.path.basename(path)} was chosen by validating the whole run so far: its "
             f"ledger now holds the {accountant.steps} updates run"
         )
+
+
+# A ledger as a file of its own: what fairseq-dp-select writes beside the
+# public corpus its DP classifier chose, so that the privacy the classifier
+# spent on the private data follows that corpus into pre-training and from
+# there into the fine-tuning run's ε.
+LEDGER_FILE = "dp_ledger.pt"
+
+
+def write_ledger_file(path: str, accountant: PrivacyAccountant, what: str) -> None:
+    """Save ``accountant``'s ledger (with its digest) to ``path``; ``what``
+    says in words which training spent it."""
+    torch.save({"entries": ledger_entries(accountant), "mechanism": accountant.mechanism, "what": what}, path)
+
+
+def read_ledger_file(path: str) -> Tuple[PrivacyAccountant, str]:
+    """(an accountant holding the ledger saved at ``path``, what spent it).
+    Raises LedgerMismatch if the file was edited."""
+    from .accounting import restore_ledger
+    from .errors import DPConfigError
+
+    try:
+        saved = torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as e:
+        raise DPConfigError(f"cannot read the privacy ledger {path}: {e}") from e
+    if not isinstance(saved, dict) or "entries" not in saved:
+        raise DPConfigError(f"{path} is not a privacy ledger written by fairseq_dp")
+    accountant = PrivacyAccountant(saved.get("mechanism", "prv"))
+    restore_ledger(accountant, saved["entries"])
+    return accountant, str(saved.get("what", ""))
