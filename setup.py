@@ -66,6 +66,7 @@ setup(
             # (it declares pycocotools, which the scorers never import)
             "fairseq-dp-eval-e2e = fairseq_dp.eval_e2e:main",
             "fairseq-dp-audit = fairseq_dp.audit.run:main",
+            "fairseq-dp-select = fairseq_dp.select:main",
         ],
     },
 )
