@@ -30,7 +30,12 @@ What it writes:
   ``--task masked_lm_selected`` and the paper's recipe scaled down: Adam
   (β₂ 0.98, ε 1e-6), weight decay 0.01, 6% linear warm-up then linear decay,
   ``--lr`` 3e-4, ``--tokens-per-sample`` 128 of whole sentences
-  (``--sample-break-mode complete``).
+  (``--sample-break-mode complete``). As with ``fairseq-train``, running the
+  command again continues from ``checkpoint_last.pt`` there.
+
+Any other flag goes to ``fairseq-train`` after the recipe's own and overrides
+them (e.g. ``--encoder-layers 2`` for a smaller model; the printed
+fine-tuning command repeats ``--encoder-*`` flags).
 
 The privacy ledger: pre-training reads public text only, but the choice of
 that text used the private data, so the weights have spent the classifier's
@@ -52,6 +57,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -217,13 +223,26 @@ def pretrain_command(
     return argv + list(extra)
 
 
-def finetune_command(checkpoint: str, arch: str = "roberta_pooled_tiny") -> str:
+def encoder_size_flags(extra: Sequence[str]) -> List[str]:
+    """The ``--encoder-*`` flags (with their values) among fairseq flags
+    passed through: fine-tuning must rebuild the encoder with the same sizes."""
+    flags, extra = [], list(extra)
+    for i, flag in enumerate(extra):
+        if flag.startswith("--encoder-"):
+            takes_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
+            flags += extra[i:i + 2] if takes_value else [flag]
+    return flags
+
+
+def finetune_command(checkpoint: str, arch: str = "roberta_pooled_tiny", size_flags: Sequence[str] = ()) -> str:
     """A DP fine-tuning command line that starts from ``checkpoint`` and
     counts its selection ledger (GLUE data from fairseq-dp-prepare-glue with
-    the same dict.txt)."""
+    the same dict.txt); ``size_flags``: the encoder sizes pre-training used
+    where they are not the arch's."""
+    sizes = "".join(f" {shlex.quote(f)}" for f in size_flags)
     return (
-        f"fairseq-train GLUE-BIN --user-dir {PLUGIN_DIR} --task dp_sentence_prediction "
-        f"--criterion dp_sentence_prediction --arch {arch} --restore-file {checkpoint} "
+        f"fairseq-train GLUE-BIN --user-dir {shlex.quote(PLUGIN_DIR)} --task dp_sentence_prediction "
+        f"--criterion dp_sentence_prediction --arch {arch}{sizes} --restore-file {shlex.quote(checkpoint)} "
         "--reset-optimizer --reset-dataloader --reset-meters --reset-lr-scheduler "
         "--num-classes 2 --init-token 0 --separator-token 2 --max-positions 512 "
         "--optimizer adam --lr 5e-4 --lr-scheduler polynomial_decay --batch-size 256 --max-epoch 3 "
@@ -305,12 +324,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         # a user mistake: its message alone, no traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{PROG}: fairseq-train {' '.join(command)}", file=sys.stderr)
+    print(f"{PROG}: fairseq-train {shlex.join(command)}", file=sys.stderr)
     run_fairseq_train(command)
     checkpoint = os.path.join(save_dir, "checkpoint_best.pt")
     print(f"pre-trained checkpoint: {checkpoint} (and checkpoint_last.pt beside it)")
     print("DP fine-tuning from it (its ε includes the selection's):")
-    print("  " + finetune_command(checkpoint))
+    print("  " + finetune_command(checkpoint, size_flags=encoder_size_flags(fairseq_extra)))
 
 
 if __name__ == "__main__":

@@ -258,4 +258,6 @@ def test_command_line_pretrains_on_minilm_wordpiece(tmp_path):
     assert "wonderful" in raw and "[UNK]" not in raw
     checkpoint = out / "checkpoints" / "checkpoint_best.pt"
     assert checkpoint.exists() and read_ledger(str(checkpoint)) is not None
-    assert finetune_command(str(checkpoint)) in done.stdout
+    printed = finetune_command(str(checkpoint), size_flags=SMALL)
+    assert printed in done.stdout
+    assert "--encoder-layers 1 --encoder-embed-dim 24" in printed
