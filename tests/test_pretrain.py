@@ -154,18 +154,19 @@ def test_pretrained_checkpoint_loads_strictly_into_fine_tuning(
 
 
 def test_tiny_archs_have_the_published_sizes(finetune_data):
+    def model_cfg(*flags):
+        return parse([finetune_data, "--user-dir", PLUGIN_DIR, "--task", "sentence_prediction", "--criterion",
+                      "sentence_prediction", "--num-classes", "2", "--optimizer", "adam", "--lr", "1e-3",
+                      *flags]).model
+
     for arch in ("roberta_tiny", "roberta_pooled_tiny", "roberta_lora_tiny", "roberta_rgp_tiny"):
-        private = arch != "roberta_tiny"
-        argv = [finetune_data, "--user-dir", PLUGIN_DIR, "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes", "2",
-                "--arch", arch, "--optimizer", "adam", "--lr", "1e-3"]
-        model = parse(argv).model
+        model = model_cfg("--arch", arch)
         sizes = [model.encoder_layers, model.encoder_embed_dim, model.encoder_attention_heads,
                  model.encoder_ffn_embed_dim, model.max_positions]
         assert sizes == [4, 312, 12, 1200, 512], arch
-        if private:
+        if arch != "roberta_tiny":  # fairseq's own model has no such options
             assert model.layer_norm_eps == 1e-5 and model.classification_pooling == "mean", arch
-    flagged = parse([finetune_data, "--user-dir", PLUGIN_DIR, "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes",
-                     "2", "--arch", "roberta_pooled_tiny", "--classification-pooling", "cls"]).model
+    flagged = model_cfg("--arch", "roberta_pooled_tiny", "--classification-pooling", "cls")
     assert flagged.classification_pooling == "cls"
 
 
@@ -244,7 +245,8 @@ def test_command_line_pretrains_on_minilm_wordpiece(tmp_path):
     _, tokens = fairseq_vocabulary(read_vocabulary(minilm_dir(), "bert"), "bert")
     dict_path = tmp_path / "dict.txt"
     dict_path.write_text("".join(f"{t} 1\n" for t in tokens), encoding="utf-8")
-    corpus = write_corpus(tmp_path / "sel", sentences=["the movie was wonderful .", "an utterly boring plot !"] * 20)
+    sentences = ["the movie was wonderful .", "an utterly boring plot !"] * 20
+    corpus = write_corpus(tmp_path / "sel", sentences=sentences)
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "fairseq_dp.pretrain", corpus, str(out), "--dict", str(dict_path),
