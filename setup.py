@@ -57,6 +57,7 @@ setup(
             "fairseq-dp-convert = fairseq_dp.convert:main",
             "fairseq-dp-prepare-glue = fairseq_dp.prepare_glue:main",
             "fairseq-dp-prepare-lm = fairseq_dp.prepare_lm:main",
+            "fairseq-dp-pretrain = fairseq_dp.pretrain:main",
             "fairseq-dp-export = fairseq_dp.export:main",
             "fairseq-dp-plan = fairseq_dp.plan:main",
             "fairseq-dp-report = fairseq_dp.report:main",

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 ENC = "encoder.sentence_encoder."
 LAYER = re.compile(r"^" + re.escape(ENC) + r"layers\.(\d+)\.")
 # (layers, embedding dim, FFN dim) of the archs the plugin ships sizes for
-KNOWN_SIZES = {(6, 384, 1536): "_minilm", (12, 768, 3072): "_base", (24, 1024, 4096): "_large"}
+KNOWN_SIZES = {(6, 384, 1536): "_minilm", (12, 768, 3072): "_base", (24, 1024, 4096): "_large",
+               (4, 312, 1200): "_tiny"}
 HOOKED = "_fairseq_dp_checks_checkpoint_fit"
 
 
@@ -64,7 +65,7 @@ def fit_message(arch: Optional[str], theirs: dict, ours: dict, example: str, lor
     sizes = (theirs["layers"], theirs["embed_dim"], theirs["ffn_dim"])
     if sizes != (ours["layers"], ours["embed_dim"], ours["ffn_dim"]):
         suffix = KNOWN_SIZES.get(sizes)
-        family = re.sub(r"_(base|large|minilm)$", "", arch)
+        family = re.sub(r"_(base|large|minilm|tiny)$", "", arch)
         flags = (f"--encoder-layers {sizes[0]} --encoder-embed-dim {sizes[1]} "
                  f"--encoder-ffn-embed-dim {sizes[2]} --encoder-attention-heads H "
                  "(the checkpoint's number of heads)")

@@ -13,6 +13,13 @@ keep_ledger_with_weights``). Three paths need the file itself:
 - ``checkpoint_best.pt`` is chosen by validating every checkpoint of the run,
   so its ε is that of all the updates run so far, not of those before it was
   written: its ledger is brought up to date whenever fairseq saves.
+- Weights pre-trained on a public corpus that a DP classifier chose from
+  private data (selective pre-training, ``fairseq-dp-pretrain``) have spent
+  that classifier's privacy. ``masked_lm_selected`` keeps the selection's
+  ledger in the task state (``task_state``/``dp_ledger``), outside the model
+  state that stock fairseq loads strictly; weights pre-trained by plain
+  ``masked_lm`` on such a corpus are found by the ``dp_ledger.pt`` beside the
+  training data their saved config names.
 """
 
 import glob
@@ -64,33 +71,80 @@ def trained_by_dp_task(state: dict) -> bool:
     became fairseq's own) they are kept under ``dp_task``."""
     if state.get("dp_task"):
         return True
-    cfg = state.get("cfg")
-    task = cfg.get("task") if isinstance(cfg, dict) or hasattr(cfg, "get") else None
-    if task is None and state.get("args") is not None:
-        task = vars(state["args"])
+    task = _saved_task_cfg(state)
     if task is None:
         return False
     keys = task.keys() if hasattr(task, "keys") else []
     return any(str(k).startswith("dp_") for k in keys)
 
 
-def read_checkpoint_history(path: str) -> Tuple[Optional[Dict[str, torch.Tensor]], bool]:
-    """(the ledger entries kept at the top level or None, whether a DP task
-    trained these weights)."""
+# where a checkpoint keeps a ledger outside its model state, in words
+AT_TOP_LEVEL = "keeps its privacy ledger at the top level (a merged or exported checkpoint)"
+IN_TASK_STATE = ("keeps its privacy ledger in its task state (pre-trained by masked_lm_selected on a "
+                 "corpus chosen with private data)")
+
+
+def ledger_outside_model(state: dict) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """(the ledger entries a checkpoint keeps outside its model state or
+    None, where): at the top level, or in the task state that fairseq saves
+    from ``task.state_dict()`` (``masked_lm_selected``)."""
+    task_state = state.get("task_state")
+    for where, holder in ((AT_TOP_LEVEL, state), (IN_TASK_STATE, task_state)):
+        entries = holder.get(TOP_LEVEL_KEY) if isinstance(holder, dict) else None
+        if isinstance(entries, dict) and LEDGER_KEY in entries:
+            return dict(entries), where
+    return None, ""
+
+
+def _saved_task_cfg(state: dict):
+    cfg = state.get("cfg")
+    task = cfg.get("task") if isinstance(cfg, dict) or hasattr(cfg, "get") else None
+    if task is None and state.get("args") is not None:
+        task = vars(state["args"])
+    return task
+
+
+def training_data_ledger_path(state: dict) -> Optional[str]:
+    """The ``dp_ledger.pt`` in the training data directory of a checkpoint's
+    saved config (the first of a colon-separated ``data``), if there is one:
+    weights pre-trained by plain ``masked_lm`` on a corpus that
+    ``fairseq-dp-select`` chose have spent its classifier's privacy."""
+    task = _saved_task_cfg(state)
+    data = task.get("data") if task is not None and hasattr(task, "get") else None
+    if not data:
+        return None
+    path = os.path.join(str(data).split(":")[0], LEDGER_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def read_checkpoint_history(path: str) -> Tuple[Optional[Dict[str, torch.Tensor]], bool, str]:
+    """(the ledger entries the checkpoint's weights spent, kept outside their
+    model state, or None; whether a DP task trained them; where the ledger
+    was found, in words). Outside the model state: at the top level, in the task
+    state, or, for a checkpoint that keeps neither, beside the training data
+    its saved config names."""
     state = _load(path)
-    top = state.get(TOP_LEVEL_KEY)
-    entries = dict(top) if isinstance(top, dict) and LEDGER_KEY in top else None
-    return entries, trained_by_dp_task(state)
+    entries, where = ledger_outside_model(state)
+    if entries is None:
+        corpus_ledger = training_data_ledger_path(state)
+        if corpus_ledger is not None:
+            accountant, what = read_ledger_file(corpus_ledger)
+            entries = ledger_entries(accountant)
+            where = (f"carries no privacy ledger, but its saved config trained it on the data beside "
+                     f"{corpus_ledger}, the ledger of the selection that chose that corpus "
+                     f"({what or 'no description'}): adopting that ledger")
+    return entries, trained_by_dp_task(state), where
 
 
 def read_ledger(path: str) -> Optional[Dict[str, torch.Tensor]]:
     """The ledger entries a checkpoint holds: in the model state, where training
-    keeps them with the weights, or at the top level (merged and exported
-    checkpoints); None when it has neither."""
+    keeps them with the weights, or outside it (merged and exported
+    checkpoints at the top level, ``masked_lm_selected``'s in the task
+    state); None when it has none."""
     state = _load(path)
-    top = state.get(TOP_LEVEL_KEY)
-    if isinstance(top, dict) and LEDGER_KEY in top:
-        return dict(top)
+    entries, _ = ledger_outside_model(state)
+    if entries is not None:
+        return entries
     model = state.get("model") or {}
     entries = {k: v for key, v in model.items() for k in LEDGER_KEYS if key.split(".")[-1] == k}
     return entries if LEDGER_KEY in entries else None

@@ -82,10 +82,10 @@ def _metavar(action) -> str:
 
 # the plugin's models, the fairseq model whose flags they extend, and a title
 PLUGIN_MODELS = (
-    ("roberta_rgp", "roberta", "RGP (--arch roberta_rgp, _base, _large, _minilm)"),
-    ("roberta_lora", "roberta", "DP-LoRA (--arch roberta_lora, _base, _large, _minilm)"),
+    ("roberta_rgp", "roberta", "RGP (--arch roberta_rgp, _base, _large, _minilm, _tiny)"),
+    ("roberta_lora", "roberta", "DP-LoRA (--arch roberta_lora, _base, _large, _minilm, _tiny)"),
     ("roberta_pooled", "roberta", "DP full fine-tuning of a converted encoder "
-     "(--arch roberta_pooled, roberta_pooled_minilm)"),
+     "(--arch roberta_pooled, roberta_pooled_minilm, roberta_pooled_tiny)"),
     ("transformer_lm_lora", "transformer_lm", "DP-LoRA for causal LMs (--arch transformer_lm_lora, "
      "_gpt2_small, _gpt2_medium, _gpt2_large)"),
     ("transformer_lm_rgp", "transformer_lm", "RGP for causal LMs (--arch transformer_lm_rgp, "

@@ -28,6 +28,7 @@ from .sentence_encoder import (
     SentenceEncoderMixin,
     add_sentence_encoder_args,
     minilm_architecture,
+    tiny_architecture,
     sentence_encoder_architecture,
 )
 # parse_targets stays importable from here, where it used to live
@@ -39,10 +40,11 @@ LORA_TARGETS = LAYER_TARGETS
 LORA_DEFAULTS = {"lora_rank": 16, "lora_targets": ",".join(LORA_TARGETS)}
 # the plain architecture each LoRA one merges into
 PLAIN_ARCH = {"roberta_lora": "roberta", "roberta_lora_base": "roberta_base", "roberta_lora_large": "roberta_large",
-              "roberta_lora_minilm": "roberta"}
+              "roberta_lora_minilm": "roberta", "roberta_lora_tiny": "roberta"}
 # merged checkpoints whose head pooling or LayerNorm ε stock RoBERTa cannot express
 POOLED_ARCH = {"roberta_lora": "roberta_pooled", "roberta_lora_base": "roberta_pooled",
-               "roberta_lora_large": "roberta_pooled", "roberta_lora_minilm": "roberta_pooled_minilm"}
+               "roberta_lora_large": "roberta_pooled", "roberta_lora_minilm": "roberta_pooled_minilm",
+               "roberta_lora_tiny": "roberta_pooled_tiny"}
 
 
 def lora_scaling(args) -> float:
@@ -117,4 +119,11 @@ def roberta_lora_large_architecture(args):
 @register_model_architecture("roberta_lora", "roberta_lora_minilm")
 def roberta_lora_minilm_architecture(args):
     minilm_architecture(args)
+    base_lora_architecture(args)
+
+
+@register_model_architecture("roberta_lora", "roberta_lora_tiny")
+def roberta_lora_tiny_architecture(args):
+    """The tiny encoder ``fairseq-dp-pretrain`` pre-trains (``roberta_tiny``)."""
+    tiny_architecture(args)
     base_lora_architecture(args)

@@ -12,6 +12,7 @@ from .sentence_encoder import (
     SentenceEncoderMixin,
     add_sentence_encoder_args,
     minilm_architecture,
+    tiny_architecture,
     sentence_encoder_architecture,
 )
 
@@ -38,4 +39,11 @@ def base_pooled_architecture(args):
 @register_model_architecture("roberta_pooled", "roberta_pooled_minilm")
 def roberta_pooled_minilm_architecture(args):
     minilm_architecture(args)
+    base_pooled_architecture(args)
+
+
+@register_model_architecture("roberta_pooled", "roberta_pooled_tiny")
+def roberta_pooled_tiny_architecture(args):
+    """The tiny encoder ``fairseq-dp-pretrain`` pre-trains (``roberta_tiny``)."""
+    tiny_architecture(args)
     base_pooled_architecture(args)

@@ -25,6 +25,7 @@ from .sentence_encoder import (
     add_sentence_encoder_args,
     check_trained_privately,
     minilm_architecture,
+    tiny_architecture,
     sentence_encoder_architecture,
 )
 from .swap import ALL_TARGETS, CARRIER_SOURCES, RGP_HELP, add_rgp, check_rgp_args  # noqa: F401
@@ -97,4 +98,11 @@ def roberta_rgp_large_architecture(args):
 def roberta_rgp_minilm_architecture(args):
     """MiniLM-L6-H384 (all-MiniLM-L6-v2) as ``fairseq_dp.convert`` writes it."""
     minilm_architecture(args)
+    base_rgp_architecture(args)
+
+
+@register_model_architecture("roberta_rgp", "roberta_rgp_tiny")
+def roberta_rgp_tiny_architecture(args):
+    """The tiny encoder ``fairseq-dp-pretrain`` pre-trains (``roberta_tiny``)."""
+    tiny_architecture(args)
     base_rgp_architecture(args)

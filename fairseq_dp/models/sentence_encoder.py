@@ -207,3 +207,29 @@ def minilm_architecture(args) -> None:
     args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 12)
     args.layer_norm_eps = safe_getattr(args, "layer_norm_eps", 1e-12)
     args.classification_pooling = safe_getattr(args, "classification_pooling", "mean")
+
+
+# The "tiny" encoder of selective pre-training (Yu et al., TMLR 2024): BERT's
+# shape at 4 layers, hidden 312, 12 heads, FFN 1200, on MiniLM's WordPiece
+# vocabulary; 512 positions so that fine-tuning with --max-positions 512 loads
+# a checkpoint pre-trained with a shorter --tokens-per-sample strictly.
+TINY_SIZES = {"encoder_layers": 4, "encoder_embed_dim": 312, "encoder_ffn_embed_dim": 1200,
+              "encoder_attention_heads": 12, "max_positions": 512}
+
+
+def tiny_sizes(args) -> None:
+    """The tiny encoder's sizes only (for fairseq's own ``roberta`` model,
+    which has no sentence-encoder options)."""
+    for name, default in TINY_SIZES.items():
+        setattr(args, name, safe_getattr(args, name, default))
+
+
+def tiny_architecture(args) -> None:
+    """The tiny encoder pre-trained from scratch by ``fairseq-dp-pretrain``:
+    fairseq's LayerNorm ε (the one pre-training used, unlike a converted BERT's
+    1e-12), and mean pooling by default, as for MiniLM: DP's few, noisy updates
+    move the first token little, and a from-scratch MLM never trained it as a
+    sentence feature."""
+    tiny_sizes(args)
+    args.layer_norm_eps = safe_getattr(args, "layer_norm_eps", 1e-5)
+    args.classification_pooling = safe_getattr(args, "classification_pooling", "mean")

@@ -276,9 +276,11 @@ class DPTaskMixin:
 
     def check_weights_history(self) -> None:
         """Weights restored by fairseq must not count as fresh if a DP run
-        trained them: a ledger kept at the top level of the file (merged or
-        exported checkpoints) is adopted; weights whose saved config is a DP
-        task's but carry no ledger are refused unless
+        trained them: a ledger kept outside the model state (at the top level
+        of merged or exported checkpoints, in the task state of
+        ``masked_lm_selected``'s, or beside the training data of a plain
+        ``masked_lm`` pre-training on a selected corpus) is adopted; weights
+        whose saved config is a DP task's but carry no ledger are refused unless
         --dp-assume-fresh-weights says they never saw this data."""
         if self._history_checked or self.accountant.loaded_history is None:
             return
@@ -289,11 +291,10 @@ class DPTaskMixin:
         self._history_checked = True
         if self.accountant.loaded_history == "ledger":
             return
-        top_level, from_dp_task = read_checkpoint_history(path)
-        if top_level is not None:
-            restore_ledger(self.accountant, top_level)
-            logger.info(f"DP: {path} keeps its privacy ledger at the top level (a merged or exported "
-                        f"checkpoint): continuing it, {self.accountant.steps} updates already spent")
+        outside_model, from_dp_task, where = read_checkpoint_history(path)
+        if outside_model is not None:
+            restore_ledger(self.accountant, outside_model)
+            logger.info(f"DP: {path} {where}: continuing it, {self.accountant.steps} updates already spent")
         elif from_dp_task and not self.cfg.dp_assume_fresh_weights:
             raise DPConfigError(
                 f"DP: {path} was trained by a DP task but carries no privacy ledger (its dp_ledger "
