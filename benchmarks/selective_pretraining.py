@@ -154,7 +154,7 @@ def minilm_checkpoint(args) -> str:
 # ---------------------------------------------------------------- stage 3: pre-training
 
 def finished_updates(checkpoint: str) -> int:
-    from fairseq_dp.select import finished_updates as updates
+    from fairseq_dp.checkpoint_ledger import finished_updates as updates
 
     return updates(checkpoint) if os.path.exists(checkpoint) else 0
 
@@ -233,8 +233,7 @@ def finetune_command(args, data: str, init: str, eps, save_dir: str, n_train: in
     else:
         arch = "roberta_pooled_tiny"
         if init != "none":
-            cmd += ["--restore-file", args.pretrained[init], "--reset-optimizer", "--reset-dataloader",
-                    "--reset-meters", "--reset-lr-scheduler"]
+            cmd += ["--finetune-from-model", args.pretrained[init]]
     cmd += ["--arch", arch]
     if eps is None:
         updates = args.epochs * -(-n_train // args.np_batch)

@@ -65,6 +65,12 @@ def _load(path: str) -> dict:
         return torch.load(path, map_location="cpu")
 
 
+def finished_updates(path: str) -> int:
+    """The update count a fairseq checkpoint was saved at (0 if none)."""
+    history = _load(path).get("optimizer_history") or [{}]
+    return int(history[-1].get("num_updates", 0))
+
+
 def trained_by_dp_task(state: dict) -> bool:
     """Whether a checkpoint's saved configuration is that of a DP task: its
     task config has DP options, or (merged and exported checkpoints, whose task

@@ -43,13 +43,15 @@ that text used the private data, so the weights have spent the classifier's
 logs the ε the selection spent, and keeps that ledger in every checkpoint
 (in fairseq's ``task_state``, so stock fairseq still loads the weights
 strictly). DP fine-tuning from the checkpoint (``dp_sentence_prediction
---restore-file OUT_DIR/checkpoints/checkpoint_best.pt --reset-optimizer
---reset-dataloader --reset-meters --reset-lr-scheduler``, arch
+--finetune-from-model OUT_DIR/checkpoints/checkpoint_last.pt``, arch
 ``roberta_pooled_tiny``, ``roberta_lora_tiny`` or ``roberta_rgp_tiny``) adopts
 it: its ``dp_epsilon`` is the composed ε of selection and fine-tuning, and
 ``--dp-target-epsilon`` is the total budget for both. A corpus without a
 ledger (public, not chosen with private data) is pre-trained with fairseq's
-plain ``--task masked_lm``, and this command says so.
+plain ``--task masked_lm``, and this command says so; a ``fairseq-dp-select``
+directory whose ledger is missing (and not ``--random``) is refused, and so
+is continuing, in the same OUT_DIR, weights pre-trained on a corpus with
+another ledger.
 """
 
 import argparse
@@ -94,7 +96,24 @@ def corpus_paths(corpus: str) -> tuple:
         raise DPConfigError(f"corpus {corpus}: no such file or directory (want fairseq-dp-select's "
                             f"output directory or a text file of one sentence a line)")
     ledger = os.path.join(os.path.dirname(os.path.abspath(text)), LEDGER_FILE)
+    if not os.path.isfile(ledger) and os.path.isdir(corpus) and not chosen_at_random(corpus):
+        # a selection whose ledger is gone (an interrupted rerun, a copy without
+        # it) would otherwise pass for public text
+        raise DPConfigError(
+            f"{corpus} has {SELECTED_FILE} but no {LEDGER_FILE}, and its selection.json does not say "
+            "it was drawn at random (--random): a corpus chosen by a DP classifier needs the "
+            "classifier's ledger. Rerun fairseq-dp-select to completion"
+        )
     return text, ledger if os.path.isfile(ledger) else None
+
+
+def chosen_at_random(corpus_dir: str) -> bool:
+    """Whether fairseq-dp-select's summary in ``corpus_dir`` says --random."""
+    try:
+        with open(os.path.join(corpus_dir, "selection.json")) as f:
+            return json.load(f).get("mode") == "random"
+    except (OSError, ValueError):
+        return False
 
 
 def read_sentences(path: str) -> List[str]:
@@ -234,20 +253,60 @@ def encoder_size_flags(extra: Sequence[str]) -> List[str]:
     return flags
 
 
-def finetune_command(checkpoint: str, arch: str = "roberta_pooled_tiny", size_flags: Sequence[str] = ()) -> str:
+def finetune_command(checkpoint: str, arch: str = "roberta_pooled_tiny", size_flags: Sequence[str] = (),
+                     delta: Optional[float] = None) -> str:
     """A DP fine-tuning command line that starts from ``checkpoint`` and
     counts its selection ledger (GLUE data from fairseq-dp-prepare-glue with
     the same dict.txt); ``size_flags``: the encoder sizes pre-training used
-    where they are not the arch's."""
+    where they are not the arch's; ``delta``: the selection's δ (the
+    fine-tuning's may not be larger). ``--finetune-from-model``, not
+    ``--restore-file``: relaunched, the run resumes its own checkpoint_last.pt
+    (and ledger) instead of starting over from the pre-trained weights."""
     sizes = "".join(f" {shlex.quote(f)}" for f in size_flags)
     return (
         f"fairseq-train GLUE-BIN --user-dir {shlex.quote(PLUGIN_DIR)} --task dp_sentence_prediction "
-        f"--criterion dp_sentence_prediction --arch {arch}{sizes} --restore-file {shlex.quote(checkpoint)} "
-        "--reset-optimizer --reset-dataloader --reset-meters --reset-lr-scheduler "
+        f"--criterion dp_sentence_prediction --arch {arch}{sizes} --finetune-from-model {shlex.quote(checkpoint)} "
         "--num-classes 2 --init-token 0 --separator-token 2 --max-positions 512 "
-        "--optimizer adam --lr 5e-4 --lr-scheduler polynomial_decay --batch-size 256 --max-epoch 3 "
-        "--dp-clip-norm 1.0 --dp-target-epsilon 3  # the total ε, the selection's included"
+        "--dp-clipping ghost --dp-clip-norm 0.1 --batch-size 50 --update-freq 20 --max-epoch 1 "
+        "--optimizer adam --adam-betas '(0.9,0.999)' --adam-eps 1e-6 --lr 1e-3 "
+        "--lr-scheduler polynomial_decay --warmup-updates 6 --clip-norm 0 "
+        f"--dp-delta {delta if delta is not None else 1e-5:g} --dp-target-epsilon 3  "
+        "# the total ε, the selection's included"
     )
+
+
+def check_resumed_ledger(save_dir: str, data_dir: str) -> None:
+    """fairseq continues from ``save_dir/checkpoint_last.pt`` when it exists.
+    Weights pre-trained on one selection have spent its classifier's
+    privacy: continuing them on a corpus with another ledger, or none, would
+    leave checkpoints that carry the wrong one (fairseq's Trainer never loads
+    a task's state), so that is refused."""
+    import torch
+
+    from .accounting import LEDGER_KEY
+    from .checkpoint_ledger import read_checkpoint_history, read_ledger_file as read_file
+
+    last = os.path.join(save_dir, "checkpoint_last.pt")
+    if not os.path.exists(last):
+        return
+    restored, _, _ = read_checkpoint_history(last)
+    corpus_ledger = os.path.join(data_dir, LEDGER_FILE)
+    current = None
+    if os.path.isfile(corpus_ledger):
+        from .accounting import ledger_entries
+
+        current = ledger_entries(read_file(corpus_ledger)[0])
+    same = (restored is None and current is None) or (
+        restored is not None and current is not None
+        and torch.equal(restored[LEDGER_KEY].to(torch.float64), current[LEDGER_KEY].to(torch.float64)))
+    if not same:
+        raise DPConfigError(
+            f"{last} exists and was pre-trained on a corpus with "
+            f"{'a selection ledger' if restored is not None else 'no selection ledger'}, while this corpus has "
+            f"{'another one' if current is not None and restored is not None else 'one' if current is not None else 'none'}: "
+            "fairseq would continue those weights, and their privacy cost would be misstated. Use a new "
+            "OUT_DIR for a new corpus"
+        )
 
 
 def run_fairseq_train(argv: Sequence[str]) -> None:
@@ -256,13 +315,6 @@ def run_fairseq_train(argv: Sequence[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *argv])
     if done.returncode != 0:
         raise SystemExit(done.returncode)
-
-
-def pretrain(data_dir: str, save_dir: str, max_update: int, **kwargs) -> str:
-    """Pre-train with ``pretrain_command(data_dir, save_dir, max_update,
-    **kwargs)``; returns the path of the best checkpoint."""
-    run_fairseq_train(pretrain_command(data_dir, save_dir, max_update, **kwargs))
-    return os.path.join(save_dir, "checkpoint_best.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +370,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if a.prepare_only:
             print(f"wrote {data_dir}: {json.dumps(summary['splits'])}")
             return
+        check_resumed_ledger(save_dir, data_dir)
         command = pretrain_command(data_dir, save_dir, a.max_update, a.batch_size, a.lr, a.tokens_per_sample,
                                    cpu=a.cpu, extra=fairseq_extra)
     except DPConfigError as e:
@@ -326,10 +379,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
     print(f"{PROG}: fairseq-train {shlex.join(command)}", file=sys.stderr)
     run_fairseq_train(command)
-    checkpoint = os.path.join(save_dir, "checkpoint_best.pt")
-    print(f"pre-trained checkpoint: {checkpoint} (and checkpoint_last.pt beside it)")
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    print(f"pre-trained checkpoint: {checkpoint}")
     print("DP fine-tuning from it (its ε includes the selection's):")
-    print("  " + finetune_command(checkpoint, size_flags=encoder_size_flags(fairseq_extra)))
+    ledger = summary["selection_ledger"]
+    print("  " + finetune_command(checkpoint, size_flags=encoder_size_flags(fairseq_extra),
+                                  delta=ledger["delta"] if ledger else None))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ stages; its ``--dp-target-epsilon`` is the total budget.
 
 import argparse
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,9 @@ PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 SELECTION_FILE = "selection.json"
 CORPUS_FILE = "selected.txt"
 RANKED_FILE = "selected.tsv"
+SCORES_FILE = "scores.npy"
+# what the classifier was trained with: reused only for the same settings and data
+CLASSIFIER_SETTINGS_FILE = "settings.json"
 
 logger = logging.getLogger(__name__)
 
@@ -222,28 +226,36 @@ def run_logged(cmd: List[str], log_path: str) -> None:
         raise DPConfigError(f"the classifier's training failed (exit {proc.returncode}); log: {log_path}")
 
 
-def finished_updates(checkpoint: str) -> int:
-    from .checkpoint_ledger import _load
-
-    state = _load(checkpoint)
-    history = state.get("optimizer_history") or [{}]
-    return int(history[-1].get("num_updates", 0))
-
-
 def train_classifier(args, private_train: List[str], private_dev: Optional[List[str]],
                      pool: List[str]) -> str:
     """Stage 1; returns the classifier checkpoint (``checkpoint_last.pt``:
     the last update, never one chosen by validation)."""
     from .prepare_glue import Tokenizer, prepare
 
+    from .checkpoint_ledger import finished_updates
+
     work = os.path.join(args.out, "classifier")
     save_dir = os.path.join(work, "checkpoints")
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    if os.path.exists(checkpoint) and finished_updates(checkpoint) >= args.updates:
-        print(f"[{PROG}] the classifier in {checkpoint} has finished its {args.updates} updates: reusing it")
-        return checkpoint
-    if args.batch_size % args.micro_batch:
-        raise DPConfigError("--batch-size must be a multiple of --micro-batch")
+    settings = classifier_settings(args, private_train, private_dev)
+    settings_path = os.path.join(work, CLASSIFIER_SETTINGS_FILE)
+    if os.path.exists(checkpoint):
+        try:
+            with open(settings_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None
+        if saved != settings:
+            raise DPConfigError(
+                f"{work} holds a classifier trained (or being trained) with other settings or other "
+                "private data. Use another --out, remove that directory, or score with it as it is "
+                f"(--classifier {checkpoint})"
+            )
+        if finished_updates(checkpoint) >= args.updates:
+            print(f"[{PROG}] the classifier in {checkpoint} has finished its {args.updates} updates "
+                  "with these settings: reusing it")
+            return checkpoint
+        # else fairseq continues the interrupted run from checkpoint_last.pt
     encoder = args.encoder or os.path.join(args.out, "minilm")
     if args.encoder is None and not os.path.exists(os.path.join(encoder, "model.pt")):
         from .convert import convert, minilm_dir
@@ -274,8 +286,29 @@ def train_classifier(args, private_train: List[str], private_dev: Optional[List[
     data_bin = os.path.join(work, "bin")
     prepare(tsv_dir, data_bin, dict_path, Tokenizer(args.tokenizer), args.max_length)
     os.makedirs(save_dir, exist_ok=True)
+    with open(settings_path, "w") as f:
+        json.dump(settings, f, indent=1)
     run_logged(classifier_command(args, data_bin, save_dir, model_pt), os.path.join(work, "train.log"))
     return checkpoint
+
+
+def classifier_settings(args, private_train: Sequence[str], private_dev: Optional[Sequence[str]]) -> dict:
+    """Everything the classifier's training depends on, the private data by digest."""
+    def digest(lines) -> str:
+        return hashlib.sha256("\n".join(lines or []).encode("utf-8")).hexdigest()
+
+    keys = ("method", "arch", "lora_rank", "negatives_per_positive", "epsilon", "delta", "updates",
+            "batch_size", "micro_batch", "lr", "clip_norm", "max_length", "seed", "train_flags", "encoder",
+            "tokenizer")
+    settings = {k: getattr(args, k) for k in keys}
+    settings.update(private_train=digest(private_train), private_dev=digest(private_dev),
+                    pool=_file_key(args.pool))
+    return settings
+
+
+def _file_key(path: str) -> dict:
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime": stat.st_mtime}
 
 
 # ---------------------------------------------------------------- stage 2: scoring
@@ -286,7 +319,6 @@ class Classifier:
     the classifier's binarized data was (``<s>`` + tokens + ``</s>``)."""
 
     def __init__(self, checkpoint: str, data_bin: Optional[str] = None):
-        import torch
         from fairseq import checkpoint_utils
 
         import fairseq_dp  # noqa: F401  (registers the plugin)
@@ -312,27 +344,32 @@ class Classifier:
             raise DPConfigError(f"{checkpoint}: its labels are not the 0/1 of a domain classifier")
         self.positive = labels.index("1") - labels.nspecial
         self.init_token = getattr(cfg.task, "init_token", None)
-        self.torch = torch
 
     def encode(self, tokens: List[str]):
+        import torch
+
         ids = self.dictionary.encode_line(" ".join(tokens), add_if_not_exist=False, append_eos=True).long()
         if self.init_token is not None:
-            ids = self.torch.cat([ids.new_tensor([self.init_token]), ids])
+            ids = torch.cat([ids.new_tensor([self.init_token]), ids])
         return ids
 
     def probabilities(self, batches: Sequence[List]) -> List:
-        torch = self.torch
+        import torch
+
         out = []
         with torch.inference_mode():
             for batch in batches:
                 tokens = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=self.dictionary.pad())
                 logits, _ = self.model(tokens, features_only=True, classification_head_name=self.head)
-                out.append(torch.softmax(logits.float(), dim=-1)[:, self.positive].double())
+                # float64, as held_out_precision: the same probability for the same sentence
+                out.append(torch.softmax(logits.double(), dim=-1)[:, self.positive])
         return out
 
     def score(self, sentences: Sequence[str], tokenizer, max_length: Optional[int], batch_size: int = 256,
               progress_every: int = 0) -> np.ndarray:
         """P(in-domain) of each sentence, in input order."""
+        import torch
+
         from .prepare_glue import truncate
 
         scores = np.zeros(len(sentences))
@@ -344,7 +381,7 @@ class Classifier:
             ids = [self.encode(t) for t in tokens]
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
             batches = [[ids[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-            probs = self.torch.cat(self.probabilities(batches)).numpy()
+            probs = torch.cat(self.probabilities(batches)).numpy()
             scores[[start + i for i in order]] = probs
             done = min(start + chunk, len(sentences))
             if progress_every and (done // chunk) % progress_every == 0:
@@ -396,7 +433,12 @@ def classifier_ledger(checkpoint: str):
     from .accounting import PrivacyAccountant, restore_ledger
     from .checkpoint_ledger import read_ledger
 
-    entries = read_ledger(checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise DPConfigError(f"--classifier {checkpoint}: no such file")
+    try:
+        entries = read_ledger(checkpoint)
+    except Exception as e:  # not a checkpoint: torch.load's errors vary with the file
+        raise DPConfigError(f"--classifier {checkpoint} is not a fairseq checkpoint ({type(e).__name__}: {e})") from e
     if entries is None:
         raise DPConfigError(
             f"--classifier {checkpoint} carries no privacy ledger: it was not trained with DP (or its "
@@ -412,14 +454,11 @@ def classifier_ledger(checkpoint: str):
 
 # ---------------------------------------------------------------- the command
 
-SCORES_FILE = "scores.npy"
-
 
 def _scores_key(args, checkpoint: str, n: int) -> dict:
-    stat = os.stat(checkpoint)
-    return {"classifier": os.path.abspath(checkpoint), "classifier_mtime": stat.st_mtime,
-            "classifier_size": stat.st_size, "pool": os.path.abspath(args.pool), "sentences": n,
-            "max_length": args.max_length, "tokenizer": os.path.abspath(args.tokenizer)}
+    return {"classifier": _file_key(checkpoint), "pool": _file_key(args.pool), "sentences": n,
+            "max_length": args.max_length, "tokenizer": os.path.abspath(args.tokenizer),
+            "classifier_data": args.classifier_data}
 
 
 def cached_scores(args, checkpoint: str, n: int) -> Optional[np.ndarray]:
@@ -461,7 +500,10 @@ def run(args) -> dict:
     from .checkpoint_ledger import LEDGER_FILE, write_ledger_file
 
     os.makedirs(args.out, exist_ok=True)
-    for name in (LEDGER_FILE,):  # a rerun must not leave an old ledger beside a new corpus
+    # a rerun, even one that fails, must not leave an old corpus without its
+    # ledger (it would pass for public text) or beside another's: all go first,
+    # and the ledger is written before the corpus
+    for name in (CORPUS_FILE, RANKED_FILE, SELECTION_FILE, LEDGER_FILE):
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
     sources, pool = read_pool(args.pool)
@@ -492,8 +534,7 @@ def run(args) -> dict:
                 "target_epsilon": args.epsilon, "delta": args.delta,
             }
         accountant = classifier_ledger(checkpoint)
-        data_bin = args.classifier_data
-        classifier = Classifier(checkpoint, data_bin)
+        classifier = Classifier(checkpoint, args.classifier_data)
         summary["classifier"] = checkpoint
         summary["held_out"] = held_out_precision(classifier)
         from .prepare_glue import Tokenizer
@@ -553,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder", help="converted checkpoint directory (model.pt, dict.txt) to fine-tune; "
                    "default: all-MiniLM-L6-v2, converted into OUT/minilm. A directory with dict.txt alone "
                    "trains from scratch (for tests)")
-    g.add_argument("--tokenizer", default=None, help="HuggingFace tokenizer directory matching the encoder's "
-                   "dict.txt (default: all-MiniLM-L6-v2's)")
+    g.add_argument("--tokenizer", default="minilm", metavar="HF_DIR", help="HuggingFace tokenizer directory "
+                   "matching the encoder's dict.txt ('minilm', the default: the installed all-MiniLM-L6-v2's)")
     g.add_argument("--method", choices=["lora", "full"], default="lora",
                    help="DP-LoRA (default) or DP full fine-tuning with ghost clipping")
     g.add_argument("--arch", help="override the architecture (default: roberta_lora_minilm, or "
@@ -585,14 +626,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.argv = argv
     if args.random and (args.classifier or args.private):
         parser.error("--random selects without a classifier: drop --private/--classifier")
-    if args.words < 1:
-        parser.error("--words must be at least 1")
-    if args.tokenizer is None:
-        from .convert import minilm_dir
-
-        args.tokenizer = minilm_dir()
+    for flag, value, least in (("--words", args.words, 1), ("--updates", args.updates, 1),
+                               ("--micro-batch", args.micro_batch, 1), ("--batch-size", args.batch_size, 1),
+                               ("--negatives-per-positive", args.negatives_per_positive, 1),
+                               ("--min-words", args.min_words, 0), ("--max-length", args.max_length, 6)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    if not args.epsilon > 0:
+        parser.error(f"--epsilon must be > 0, got {args.epsilon}")
+    if not 0 < args.delta < 1:
+        parser.error(f"--delta must be in (0, 1), got {args.delta}")
+    if args.classifier and args.private:
+        parser.error("--classifier scores with an existing classifier: drop --private (it would not be used)")
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
     try:
+        if args.tokenizer == "minilm":
+            from .convert import minilm_dir
+
+            args.tokenizer = minilm_dir()
         run(args)
     except DPConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

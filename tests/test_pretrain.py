@@ -23,7 +23,13 @@ from fairseq_dp.accounting import PrivacyAccountant, history_from_tensor
 from fairseq_dp.checkpoint_ledger import LEDGER_FILE, read_ledger, write_ledger_file
 from fairseq_dp.data.synthetic import make_examples, make_synthetic_dataset
 from fairseq_dp.errors import DPConfigError
-from fairseq_dp.pretrain import finetune_command, main as pretrain_main, prepare_corpus, pretrain_command
+from fairseq_dp.pretrain import (
+    check_resumed_ledger,
+    finetune_command,
+    main as pretrain_main,
+    prepare_corpus,
+    pretrain_command,
+)
 
 from helpers import PLUGIN_DIR, parse
 from test_end_to_end import run_main, summary_value
@@ -53,6 +59,9 @@ def write_corpus(directory, ledger=True, sentences=None):
         sentences = [s for s, _ in make_examples(300, random.Random(1))]
     with open(os.path.join(directory, "selected.txt"), "w") as f:
         f.writelines(s + "\n" for s in sentences)
+    if not ledger:  # what fairseq-dp-select --random writes: no classifier, no ledger
+        with open(os.path.join(directory, "selection.json"), "w") as f:
+            f.write('{"mode": "random"}')
     if ledger:
         accountant = PrivacyAccountant("prv")
         accountant.step(noise_multiplier=SELECTION[0], sample_rate=SELECTION[1], num_steps=SELECTION[2])
@@ -223,6 +232,27 @@ def test_masked_lm_selected_needs_the_selection_ledger(finetune_data, tmp_path):
         tasks.setup_task(parse(argv).task)
 
 
+def test_a_selection_that_lost_its_ledger_is_refused(finetune_data, tmp_path):
+    """A selection directory without its ledger (an interrupted rerun of
+    fairseq-dp-select removes it first) must not pass for public text."""
+    corpus = write_corpus(tmp_path / "sel")
+    os.remove(os.path.join(corpus, LEDGER_FILE))
+    with pytest.raises(DPConfigError, match="no dp_ledger.pt"):
+        prepare_corpus(corpus, str(tmp_path / "data"), os.path.join(finetune_data, "input0", "dict.txt"),
+                       split_words)
+
+
+def test_continuing_weights_on_a_corpus_with_another_ledger_is_refused(pretrained, selected_data, finetune_data,
+                                                                       tmp_path):
+    save_dir = os.path.dirname(pretrained)
+    check_resumed_ledger(save_dir, selected_data)  # the same selection: fairseq may continue
+    public = prepare_corpus(write_corpus(tmp_path / "public", ledger=False), str(tmp_path / "public-data"),
+                            os.path.join(finetune_data, "input0", "dict.txt"), split_words)
+    assert public["selection_ledger"] is None
+    with pytest.raises(DPConfigError, match="Use a new OUT_DIR"):
+        check_resumed_ledger(save_dir, str(tmp_path / "public-data"))
+
+
 def test_pretrain_command_line_reports_user_mistakes(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         pretrain_main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--dict", str(tmp_path / "dict.txt"),
@@ -258,8 +288,8 @@ def test_command_line_pretrains_on_minilm_wordpiece(tmp_path):
     assert "masked_lm_selected: the corpus was chosen by the test's domain classifier" in done.stdout + done.stderr
     raw = (out / "data" / "raw" / "train.txt").read_text().split()
     assert "wonderful" in raw and "[UNK]" not in raw
-    checkpoint = out / "checkpoints" / "checkpoint_best.pt"
+    checkpoint = out / "checkpoints" / "checkpoint_last.pt"
     assert checkpoint.exists() and read_ledger(str(checkpoint)) is not None
-    printed = finetune_command(str(checkpoint), size_flags=SMALL)
+    printed = finetune_command(str(checkpoint), size_flags=SMALL, delta=DELTA)
     assert printed in done.stdout
     assert "--encoder-layers 1 --encoder-embed-dim 24" in printed

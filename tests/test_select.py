@@ -186,11 +186,42 @@ def test_select_by_score_unit():
     assert select.select_by_score(scores, words, 5, 6) == []
 
 
+def test_a_rerun_with_other_settings_is_refused_and_leaves_no_corpus(generated, selected, tmp_path, capsys):
+    """The classifier in OUT/classifier is reused only for the same settings
+    and private data; a failed rerun leaves no corpus without its ledger."""
+    import shutil
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(selected[0], out)
+    with pytest.raises(SystemExit):
+        select.main(["--private", generated["glue"], "--pool", generated["pool"], "--out", out, "--words", "1500",
+                     "--encoder", generated["vocab"], "--tokenizer", generated["vocab"], "--method", "full",
+                     "--arch", "roberta_pooled", "--epsilon", "4", "--delta", "1e-5", "--updates", "30",
+                     "--batch-size", "64", "--micro-batch", "32", "--lr", "3e-3", "--negatives-per-positive", "2",
+                     "--seed", "2", "--train-flags", *TINY])
+    assert "other settings or other private data" in capsys.readouterr().err
+    for name in (select.CORPUS_FILE, select.RANKED_FILE, select.SELECTION_FILE, LEDGER_FILE):
+        assert not os.path.exists(os.path.join(out, name)), name
+
+
 def test_user_mistakes_get_messages(generated, selected, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         select.main(["--pool", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "o"), "--words", "10",
                      "--random"])
     assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        select.main(["--pool", generated["pool"], "--out", str(tmp_path / "o"), "--words", "10",
+                     "--classifier", str(tmp_path / "none.pt"), "--tokenizer", generated["vocab"]])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        select.main(["--pool", generated["pool"], "--out", str(tmp_path / "o"), "--words", "10",
+                     "--classifier", str(tmp_path / "junk.pt"), "--tokenizer", generated["vocab"]])
+    assert e.value.code == 2 and "not a fairseq checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        select.main(["--pool", generated["pool"], "--out", str(tmp_path / "o"), "--words", "10",
+                     "--private", generated["glue"], "--micro-batch", "0"])
+    assert e.value.code == 2 and "--micro-batch must be at least 1" in capsys.readouterr().err
     # a classifier without a ledger would let its privacy cost be forgotten
     out, summary, _ = selected
     state = torch.load(summary["classifier"], map_location="cpu", weights_only=False)

@@ -69,8 +69,7 @@ def test_select_pretrain_finetune(tmp_path, caplog):
     run_main([
         glue_bin, "--user-dir", os.path.dirname(select.__file__), "--cpu", "--task", "dp_sentence_prediction",
         "--criterion", "dp_sentence_prediction", "--arch", "roberta_pooled_tiny", *SIZES,
-        "--restore-file", checkpoint, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
-        "--reset-lr-scheduler", "--num-classes", "2", "--init-token", "0", "--separator-token", "2",
+        "--finetune-from-model", checkpoint, "--num-classes", "2", "--init-token", "0", "--separator-token", "2",
         "--max-positions", "512", "--optimizer", "adam", "--lr", "1e-3", "--lr-scheduler", "fixed",
         "--batch-size", "16", "--update-freq", "2", "--max-update", "5", "--seed", "1", "--num-workers", "0",
         "--dp-clip-norm", "1.0", "--dp-delta", str(DELTA), "--dp-target-epsilon", str(TOTAL),
