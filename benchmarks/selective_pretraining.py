@@ -227,7 +227,8 @@ def finetune_command(args, data: str, init: str, eps, save_dir: str, n_train: in
            "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6", "--clip-norm", "0"]
     if init == "minilm":
         arch = "roberta_lora_minilm" if eps is not None else "roberta_pooled_minilm"
-        cmd += ["--finetune-from-model", os.path.join(minilm_checkpoint(args), "model.pt")]
+        # converted by stage_sst2 (minilm_checkpoint) before any row runs
+        cmd += ["--finetune-from-model", os.path.join(args.workdir, "minilm", "model.pt")]
         if eps is not None:
             cmd += ["--lora-rank", "16", "--lora-targets", "q,k,v,out,fc1,fc2"]
     else:
