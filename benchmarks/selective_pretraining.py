@@ -159,7 +159,8 @@ def finished_updates(checkpoint: str) -> int:
     return updates(checkpoint) if os.path.exists(checkpoint) else 0
 
 
-def stage_pretrain(args, results: dict, corpora: dict) -> dict:
+def stage_pretrain(args, results: dict, corpora: dict, needed) -> dict:
+    """Pre-trains the models of ``needed`` (corpus names) that are not done yet."""
     checkpoints, jobs = {}, []
     dict_path = os.path.join(minilm_checkpoint(args), "dict.txt")
     for name, corpus in corpora.items():
@@ -175,6 +176,8 @@ def stage_pretrain(args, results: dict, corpora: dict) -> dict:
         if finished_updates(ckpt) >= args.pretrain_updates:
             if name not in results["pretraining"]:
                 done(None)
+            continue
+        if name not in needed:
             continue
         cmd = [sys.executable, "-m", "fairseq_dp.pretrain", corpus, out, "--dict", dict_path,
                "--max-update", str(args.pretrain_updates), "--batch-size", str(args.pretrain_batch),
@@ -280,7 +283,7 @@ def finetune_summary(log_path: str, ckpt: str, delta: float) -> dict:
     return out
 
 
-def stage_finetune(args, results: dict, data: str, inits: list) -> None:
+def stage_finetune(args, results: dict, data: str, inits: list, launch: bool = True) -> None:
     n_train = train_examples(data)
     jobs = []
     # the most informative rows first, so that a run cut short has them: the
@@ -294,6 +297,8 @@ def stage_finetune(args, results: dict, data: str, inits: list) -> None:
             if os.path.exists(done_path):
                 with open(done_path) as f:
                     results["rows"][name] = json.load(f)
+                continue
+            if not launch:
                 continue
             shutil.rmtree(root, ignore_errors=True)  # a half-finished row restarts from its start
             os.makedirs(root)
@@ -363,8 +368,11 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
+    import logging
+
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging set-up lets its DEBUG through
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -423,7 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minilm-lora-clip", type=float, default=1.0)
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--threads", type=int, default=2, help="threads of the selection stage")
-    p.add_argument("--stages", default="select,pretrain,finetune")
+    p.add_argument("--stages", default="select,pretrain,finetune",
+                   help="comma-separated; 'collect' alone gathers the finished rows of --workdir into the "
+                   "JSON, plot and table without running anything")
+    p.add_argument("--inits", nargs="+", default=list(INITS) + ["minilm"],
+                   choices=list(INITS) + ["minilm"], help="the fine-tuning rows' starting models ('minilm' "
+                   "needs --minilm run); two invocations with disjoint --inits may share the cores")
     p.add_argument("--table", action="store_true", help="print the README table from --out and exit")
     return p
 
@@ -447,15 +460,20 @@ def main(argv=None) -> None:
         results.setdefault(key, {})
     started = time.time()
     stages = args.stages.split(",")
-    corpora = stage_select(args, results)
-    if "pretrain" in stages or "finetune" in stages:
-        args.pretrained = stage_pretrain(args, results, corpora)
-    if "finetune" in stages:
-        data = stage_sst2(args)
-        inits = list(INITS) + (["minilm"] if args.minilm == "run" else [])
-        stage_finetune(args, results, data, inits)
-        if args.minilm == "recorded":
-            recorded_minilm(results)
+    inits = [i for i in args.inits if i != "minilm" or args.minilm == "run"]
+    if stages == ["collect"]:
+        args.pretrained = stage_pretrain(args, results, stage_select(args, results), needed=())
+        stage_finetune(args, results, os.path.join(args.workdir, "sst2-bin"), list(INITS) + ["minilm"],
+                       launch=False)
+    else:
+        corpora = stage_select(args, results)
+        if "pretrain" in stages or "finetune" in stages:
+            needed = corpora if "finetune" not in stages else [c for c in corpora if c in inits]
+            args.pretrained = stage_pretrain(args, results, corpora, needed)
+        if "finetune" in stages:
+            stage_finetune(args, results, stage_sst2(args), inits)
+    if args.minilm == "recorded":
+        recorded_minilm(results)
     results["last_invocation_wall_s"] = round(time.time() - started, 1)
     save_results(args.out, results)
     plot(results, os.path.splitext(args.out)[0] + ".png")
