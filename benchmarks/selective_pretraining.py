@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-updates", type=int, default=500)
     p.add_argument("--pretrain-batch", type=int, default=32, help="sequences of up to 128 tokens")
     p.add_argument("--pretrain-lr", type=float, default=5e-4)
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    p.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 3.0, 8.0],
+                   help="total target ε of the DP rows (none given: only the non-private rows)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--dp-batch", type=int, default=1000)
