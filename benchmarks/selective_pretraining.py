@@ -64,20 +64,6 @@ def run_logged(cmd: list, log_path: str, threads: int) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
-def wait_all(procs: dict) -> None:
-    """Waits for every process, printing each one's latest progress line."""
-    while any(p.poll() is None for p, _ in procs.values()):
-        time.sleep(60)
-        for name, (p, path) in procs.items():
-            with open(path, errors="replace") as f:
-                lines = [l for l in f if "| train_inner |" in l or "| valid |" in l or "scored" in l]
-            if lines and p.poll() is None:
-                log(f"{name}: {lines[-1].strip()[:180]}")
-    failed = [f"{name} (exit {p.returncode}, log {path})" for name, (p, path) in procs.items() if p.returncode]
-    if failed:
-        raise RuntimeError("failed: " + ", ".join(failed))
-
-
 def run_parallel(jobs: list, parallel: int) -> None:
     """jobs: (name, cmd, log_path, on_done); ``parallel`` at a time, one thread each
     (two single-threaded runs use two cores better than one run with two threads)."""

@@ -119,8 +119,18 @@ def training_data_ledger_path(state: dict) -> Optional[str]:
     data = task.get("data") if task is not None and hasattr(task, "get") else None
     if not data:
         return None
-    path = os.path.join(str(data).split(":")[0], LEDGER_FILE)
+    path = corpus_ledger_path(str(data))
     return path if os.path.isfile(path) else None
+
+
+def corpus_ledger_path(data: str) -> str:
+    """Where a selected corpus keeps its selection's ledger: beside the
+    binaries in the first directory of fairseq's ``data`` list (the others
+    are shards of the same corpus)."""
+    from fairseq import utils
+
+    paths = utils.split_paths(data) if data else []
+    return os.path.join(paths[0] if paths else "", LEDGER_FILE)
 
 
 def read_checkpoint_history(path: str) -> Tuple[Optional[Dict[str, torch.Tensor]], bool, str]:

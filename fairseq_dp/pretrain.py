@@ -283,8 +283,8 @@ def check_resumed_ledger(save_dir: str, data_dir: str) -> None:
     a task's state), so that is refused."""
     import torch
 
-    from .accounting import LEDGER_KEY
-    from .checkpoint_ledger import read_checkpoint_history, read_ledger_file as read_file
+    from .accounting import LEDGER_KEY, ledger_entries
+    from .checkpoint_ledger import read_checkpoint_history
 
     last = os.path.join(save_dir, "checkpoint_last.pt")
     if not os.path.exists(last):
@@ -293,9 +293,7 @@ def check_resumed_ledger(save_dir: str, data_dir: str) -> None:
     corpus_ledger = os.path.join(data_dir, LEDGER_FILE)
     current = None
     if os.path.isfile(corpus_ledger):
-        from .accounting import ledger_entries
-
-        current = ledger_entries(read_file(corpus_ledger)[0])
+        current = ledger_entries(read_ledger_file(corpus_ledger)[0])
     same = (restored is None and current is None) or (
         restored is not None and current is not None
         and torch.equal(restored[LEDGER_KEY].to(torch.float64), current[LEDGER_KEY].to(torch.float64)))

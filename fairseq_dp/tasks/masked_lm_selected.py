@@ -20,12 +20,18 @@ import os
 from dataclasses import dataclass
 
 import torch
-from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 
 from ..accounting import LEDGER_KEY, ledger_entries
-from ..checkpoint_ledger import LEDGER_FILE, TOP_LEVEL_KEY, read_ledger, read_ledger_file, restored_checkpoint_path
+from ..checkpoint_ledger import (
+    LEDGER_FILE,
+    TOP_LEVEL_KEY,
+    corpus_ledger_path,
+    read_ledger,
+    read_ledger_file,
+    restored_checkpoint_path,
+)
 from ..errors import DPConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,19 +43,11 @@ class MaskedLMSelectedConfig(MaskedLMConfig):
     selection's ``dp_ledger.pt``."""
 
 
-def selection_ledger_path(data: str) -> str:
-    """Where the selection's ledger must be: beside the binaries in the first
-    data directory (fairseq's colon-separated list; the others are shards of
-    the same corpus)."""
-    paths = utils.split_paths(data) if data else []
-    return os.path.join(paths[0] if paths else "", LEDGER_FILE)
-
-
 @register_task("masked_lm_selected", dataclass=MaskedLMSelectedConfig)
 class MaskedLMSelectedTask(MaskedLMTask):
     @classmethod
     def setup_task(cls, cfg: MaskedLMSelectedConfig, **kwargs):
-        path = selection_ledger_path(cfg.data)
+        path = corpus_ledger_path(cfg.data)
         if not os.path.isfile(path):
             raise DPConfigError(
                 f"--task masked_lm_selected: {path} is missing. This task pre-trains on a corpus that "
