@@ -80,6 +80,30 @@ def test_each_update_gets_one_draw_split_over_workers_and_micro_batches(data, wo
         assert got == draw
 
 
+def test_length_grouping_keeps_the_draw_and_sorts_its_micro_batches():
+    lengths = np.random.default_rng(5).integers(3, 60, size=N)
+    for t in range(50):
+        plain = draw_logical_batch(N, 0.2, 4, np.random.default_rng([7, t]))
+        grouped = draw_logical_batch(N, 0.2, 4, np.random.default_rng([7, t]), lengths)
+        # the same Poisson sample (the law above), only split differently
+        assert sorted(sum(grouped, [])) == sorted(sum(plain, []))
+        assert [len(b) for b in grouped] == [len(b) for b in plain]
+        flat = [lengths[i] for b in grouped for i in b]
+        assert flat == sorted(flat)
+
+
+def test_the_task_hands_out_length_grouped_micro_batches(data):
+    argv = train_args(data, "--update-freq", "4", "--dp-insecure-seeded-rng")
+    _, task, _, _ = build(argv)
+    dataset = task.dataset("train")
+    itr = task.get_batch_iterator(dataset, max_sentences=8, max_positions=64, epoch=1, seed=1)
+    groups = list(iterators.GroupedIterator(itr.next_epoch_itr(shuffle=True), 4))
+    assert groups
+    for group in groups:
+        lengths = [dataset.num_tokens(i) for s in group if s for i in s["id"].tolist()]
+        assert lengths == sorted(lengths)
+
+
 def test_empty_logical_batch_still_adds_noise_and_counts(data):
     sigma, clip = 2.0, 1.0
     argv = train_args(data, "--optimizer", "sgd", "--lr", "1", "--dp-clip-norm", str(clip),

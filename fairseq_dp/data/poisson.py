@@ -9,6 +9,13 @@ all workers and ``--update-freq`` micro-batches: it is split into
 batches per rank) hand every chunk of draw ``t`` to update ``t``, and no
 example twice.
 
+The micro-batches of a draw are grouped by length (``sizes``): sorted by
+example length, then split into consecutive chunks, so each micro-batch pads
+to about its own examples' length instead of to the longest of a random
+handful (SST-2: mean 13 tokens, a random 50 pad to about 45). Per-example
+clipping and the noise do not depend on how a logical batch is split, so the
+update, and the guarantee, are those of any other split; only padding goes.
+
 An "epoch" is ``ceil(N / expected batch)`` such draws, so ``--max-epoch``
 keeps its meaning on average. Draw ``t`` of the privacy ledger (its t-th
 update) is a function of (seed, t) alone: a run resumed mid-epoch sees the
@@ -18,31 +25,38 @@ new batches instead of repeating the first run's.
 """
 
 import math
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 from fairseq.data import iterators
 
 
 def draw_logical_batch(
-    num_examples: int, sample_rate: float, num_chunks: int, rng: np.random.Generator
+    num_examples: int, sample_rate: float, num_chunks: int, rng: np.random.Generator,
+    sizes: Optional[np.ndarray] = None,
 ) -> List[List[int]]:
     """One Poisson sample of ``range(num_examples)`` at rate ``sample_rate``,
-    shuffled and split into ``num_chunks`` (possibly empty) micro-batches."""
+    shuffled and split into ``num_chunks`` (possibly empty) micro-batches;
+    with ``sizes`` (example lengths), the chunks are consecutive runs of the
+    sample sorted by length (ties in random order)."""
     # the size of a Bernoulli(q) subset is Binomial(N, q), and given its size
     # the subset is uniform: the same law, in O(size) per draw
     size = int(rng.binomial(num_examples, sample_rate))
     chosen = rng.choice(num_examples, size=size, replace=False)
+    if sizes is not None:
+        chosen = chosen[np.argsort(sizes[chosen], kind="stable")]
     return [chunk.tolist() for chunk in np.array_split(chosen, num_chunks)]
 
 
 def draws_for_epoch(
-    num_examples: int, sample_rate: float, first_draw: int, num_draws: int, num_chunks: int, seed: int
+    num_examples: int, sample_rate: float, first_draw: int, num_draws: int, num_chunks: int, seed: int,
+    sizes: Optional[np.ndarray] = None,
 ) -> List[List[int]]:
     """The micro-batches of draws ``first_draw`` .. ``first_draw + num_draws - 1``
     of the ledger, draw t from a generator seeded by (seed, t)."""
     return [batch for t in range(first_draw, first_draw + num_draws)
-            for batch in draw_logical_batch(num_examples, sample_rate, num_chunks, np.random.default_rng([seed, t]))]
+            for batch in draw_logical_batch(num_examples, sample_rate, num_chunks,
+                                            np.random.default_rng([seed, t]), sizes)]
 
 
 def draws_per_epoch(num_examples: int, expected_batch_size: int) -> int:

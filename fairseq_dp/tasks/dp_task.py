@@ -101,6 +101,16 @@ def data_parallel_rank() -> int:
     return 0
 
 
+def example_lengths(dataset) -> np.ndarray:
+    """Tokens per training example (fairseq's ``num_tokens``), for grouping
+    the micro-batches of a Poisson draw by length."""
+    indices = np.arange(len(dataset))
+    try:
+        return np.asarray(dataset.num_tokens_vec(indices))
+    except NotImplementedError:
+        return np.asarray([dataset.num_tokens(i) for i in indices])
+
+
 class DPTaskMixin:
     """Differentially private training for the fairseq task after it in the bases."""
 
@@ -551,12 +561,14 @@ class DPTaskMixin:
         chunks = num_shards * self.cfg.update_freq[0]
         draws = draws_per_epoch(num_examples, self.expected_batch_size)
         q = self.sample_rate
+        # micro-batches grouped by length: less padding, the same update
+        sizes = example_lengths(dataset)
 
         def batches_for_epoch(first_draw: int):
             # draw t of the ledger always comes from (seed, t): a resumed run
             # gets the draws of an uninterrupted one, and a run continuing
             # from weights with a ledger never repeats their draws
-            return draws_for_epoch(num_examples, q, first_draw, draws, chunks, seed)
+            return draws_for_epoch(num_examples, q, first_draw, draws, chunks, seed, sizes)
 
         dataset.set_epoch(epoch)
         return PoissonEpochBatchIterator(
