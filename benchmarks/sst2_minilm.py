@@ -93,7 +93,10 @@ RECIPES = {
     # 148k fewer noised coordinates next to RGP's rank-8 carriers
     "RGP": Recipe(arch="roberta_rgp_minilm", batch=500, lr=3e-3, rgp_rank=8, freeze=HEAD_DENSE),
     "DP-LoRA": Recipe(arch="roberta_lora_minilm", batch=1000, lr=2e-3, lora_rank=16),
-    "DP full": Recipe(arch="roberta_pooled_minilm", batch=1000, lr=5e-4, clip=0.1),
+    # LP-FT: a 10-update DP linear probe first (82.0 % against 78.3 % without it at
+    # eps 8, one seed); token and position embeddings (half of MiniLM's weights) frozen
+    "DP full": Recipe(arch="roberta_pooled_minilm", batch=1000, lr=1e-3, clip=0.1, freeze="embed_tokens,embed_positions",
+                      lp_updates=10, lp_lr=1e-2),
 }
 METHODS = list(RECIPES)
 
@@ -279,19 +282,24 @@ def summarize(lines) -> dict:
     }
 
 
+def recipe_key(run: dict) -> str:
+    return json.dumps(run.get("recipe"), sort_keys=True)
+
+
 def aggregate(runs: list) -> list:
     """Mean and spread of the final accuracy per (method, target ε)."""
     groups = {}
-    for r in runs:
-        groups.setdefault((r["method"], r["target_epsilon"]), []).append(r)
+    for r in runs:  # probes of one method with different recipes are kept apart
+        groups.setdefault((r["method"], r["target_epsilon"], recipe_key(r)), []).append(r)
     out = []
-    for (method, target), rs in groups.items():
+    for (method, target, _), rs in groups.items():
         acc = [r["accuracy_final"] for r in rs if r["accuracy_final"] is not None]
         out.append({
             "method": method, "target_epsilon": target, "seeds": [r.get("seed", 1) for r in rs],
             "accuracy_mean": round(statistics.mean(acc), 2) if acc else None,
             "accuracy_sd": round(statistics.stdev(acc), 2) if len(acc) > 1 else None,
             "accuracy_min": min(acc) if acc else None, "accuracy_max": max(acc) if acc else None,
+            "recipe": rs[0].get("recipe"),
             "epsilon_max": max((r["epsilon"] for r in rs if r["epsilon"] is not None), default=None),
         })
     return out
@@ -313,14 +321,15 @@ def table(result: dict) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
     summary = sorted(aggregate(result["runs"]), key=lambda g: (order.get(g["method"], 99), -(g["target_epsilon"] or 1e9)))
     for g in summary:
-        rs = [r for r in result["runs"] if r["method"] == g["method"] and r["target_epsilon"] == g["target_epsilon"]]
+        rs = [r for r in result["runs"] if r["method"] == g["method"] and r["target_epsilon"] == g["target_epsilon"]
+              and recipe_key(r) == json.dumps(g["recipe"], sort_keys=True)]
         private = g["target_epsilon"] is not None
         eps = f"{g['epsilon_max']:.2f}" if private and g["epsilon_max"] is not None else "∞"
         mean = f"{g['accuracy_mean']:.1f}" + (f" ± {g['accuracy_sd']:.1f}" if g["accuracy_sd"] is not None else "")
         per_seed = " / ".join(f"{r['accuracy_final']:.1f}" for r in rs)
         sigmas = sorted({r["sigma"] for r in rs if r["sigma"] is not None})
         sigma = f"{sigmas[-1]:.3f}" if private and sigmas else "–"
-        recipe = recipe_of(rs[0], s).describe()
+        recipe = recipe_of(rs[0], s).describe().replace("|", "\\|")  # a regex's | inside a markdown cell
         rows.append(f"| {g['method']} | {eps} | {mean} % | {len(rs)} | {per_seed} | {sigma} "
                     f"| {rs[0]['updates']} | {recipe} |")
     return "\n".join(rows)

@@ -47,20 +47,23 @@ def reference_epsilon(history, delta):
 def test_every_method_parses_with_its_recipe(args, paths, method, eps):
     recipe = bench.RECIPES[method]
     run = bench.Run(args, method, recipe, None if not recipe.private else eps, 2, paths)
-    (stage, cmd), = run.stages()
-    cfg = parse(cmd[3:])  # after `python -m fairseq_cli.train`
+    stages = run.stages()
+    assert len(stages) == (2 if recipe.lp_updates else 1)
+    cfg = parse(stages[-1][1][3:])  # after `python -m fairseq_cli.train`
     assert cfg.model.arch == recipe.arch
     assert cfg.model.classification_pooling == "mean"
-    assert cfg.common.seed == 2 and cfg.checkpoint.restore_file == paths["model"]
+    assert cfg.common.seed == 2
+    if not recipe.lp_updates:
+        assert cfg.checkpoint.restore_file == paths["model"]
     assert cfg.optimization.lr == [recipe.lr]
     per_epoch = bench.updates_per_epoch(N_TRAIN, recipe)
-    assert cfg.lr_scheduler.total_num_update == args.epochs * per_epoch
+    assert cfg.lr_scheduler.total_num_update == args.epochs * per_epoch - recipe.lp_updates
     if recipe.private:
         assert cfg.task._name == "dp_sentence_prediction"
         assert cfg.task.dp_target_epsilon == eps and cfg.task.dp_delta == 1e-5
         assert cfg.task.dp_clip_norm == recipe.clip and cfg.optimization.clip_norm == 0
         assert cfg.dataset.batch_size * cfg.optimization.update_freq[0] == recipe.batch
-        assert cfg.optimization.max_update == args.epochs * per_epoch
+        assert cfg.optimization.max_update == args.epochs * per_epoch - recipe.lp_updates
         # the plugin's own count of Poisson draws per epoch
         assert per_epoch == -(-N_TRAIN // recipe.batch)
     else:
@@ -71,7 +74,7 @@ def test_every_method_parses_with_its_recipe(args, paths, method, eps):
 
 def test_lp_ft_probe_then_fine_tuning_within_the_target(args, paths):
     recipe = bench.apply_overrides(bench.RECIPES, ["DP full.lp_updates=20", "DP full.lp_lr=0.01"])["DP full"]
-    assert recipe.lp_updates == 20 and recipe.lp_lr == 0.01 and bench.RECIPES["DP full"].lp_updates == 0
+    assert recipe.lp_updates == 20 and recipe.lp_lr == 0.01 and bench.RECIPES["DP full"].lp_updates == 10
     run = bench.Run(args, "DP full", recipe, 3.0, 1, paths)
     (s1, probe), (s2, finetune) = run.stages()
     p_cfg, f_cfg = parse(probe[3:]), parse(finetune[3:])
