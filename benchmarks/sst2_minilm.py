@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -127,21 +126,24 @@ def prepare(args) -> tuple:
         with open(stamp_path) as f:
             stamp = json.load(f)
         if stamp["key"] == key:
-            return ckpt_dir, bin_dir, stamp["n_train"], stamp["summary"]
+            with open(os.path.join(bin_dir, "prepare.json")) as f:  # prepare_glue's own summary
+                summary = json.load(f)
+            return ckpt_dir, bin_dir, summary["splits"]["train"]["examples"], summary
     tsv_dir = os.path.join(args.work_dir, "tsv")
     n_train = copy_glue_dir(args.data, tsv_dir, args.train_examples, 1)
     summary = prepare_glue(tsv_dir, bin_dir, os.path.join(ckpt_dir, "dict.txt"),
                            Tokenizer(minilm_dir()), args.max_length)
     with open(stamp_path, "w") as f:
-        json.dump({"key": key, "n_train": n_train, "summary": summary}, f, indent=1)
+        json.dump({"key": key}, f, indent=1)
     return ckpt_dir, bin_dir, n_train, summary
 
 
 def updates_per_epoch(n_train: int, recipe: Recipe) -> int:
     if not recipe.private:
         return -(-n_train // recipe.batch)
-    # the plugin's count: ceil(N / expected logical batch) Poisson draws per epoch
-    return max(1, math.ceil(n_train / recipe.batch))
+    from fairseq_dp.data.poisson import draws_per_epoch  # the plugin's own count of Poisson draws
+
+    return draws_per_epoch(n_train, recipe.batch)
 
 
 def apply_overrides(recipes: dict, overrides: List[str]) -> dict:
@@ -155,7 +157,10 @@ def apply_overrides(recipes: dict, overrides: List[str]) -> dict:
                              f"and FIELD in {sorted(types)}")
         kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[
             types[name] if isinstance(types[name], str) else types[name].__name__]
-        setattr(recipes[method], name, kind(value))
+        try:
+            setattr(recipes[method], name, kind(value))
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a valid {name}") from None
     return recipes
 
 
@@ -240,8 +245,9 @@ class Run:
         if self.args.threads > 0:
             env["OMP_NUM_THREADS"] = str(self.args.threads)
         started, lines = time.time(), []
-        for i, (stage, cmd) in enumerate(self.stages()):
-            log_path = os.path.join(self.args.work_dir, "logs", f"{self.name}{'_lp' if i == 0 and stage != 'train' else ''}.log")
+        for stage, cmd in self.stages():
+            suffix = "" if stage == "train" else "_lp"
+            log_path = os.path.join(self.args.work_dir, "logs", f"{self.name}{suffix}.log")
             print(f"[sst2] {self.name} ({stage}): " + " ".join(cmd[1:]) + f"\n[sst2]   log: {log_path}", flush=True)
             with open(log_path, "w") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env).returncode
@@ -438,6 +444,8 @@ def main(argv=None):
         return
     if args.data is None:
         p.error("--data is required (a GLUE SST-2 directory with train.tsv and dev.tsv)")
+    if not os.path.isfile(os.path.join(args.data, "train.tsv")):
+        p.error(f"--data {args.data}: no train.tsv there (a GLUE SST-2 directory with train.tsv and dev.tsv)")
     recipes = apply_overrides(RECIPES, args.overrides)
     for method, r in recipes.items():
         if r.private and r.batch % r.micro_batch:

@@ -99,6 +99,8 @@ def test_overrides_are_checked():
         bench.apply_overrides(bench.RECIPES, ["DP-LoRA.learning_rate=1"])
     with pytest.raises(SystemExit, match="METHOD.FIELD=VALUE"):
         bench.apply_overrides(bench.RECIPES, ["LoRA.lr=1"])
+    with pytest.raises(SystemExit, match="not a valid lr"):
+        bench.apply_overrides(bench.RECIPES, ["DP-LoRA.lr=fast"])
     assert bench.apply_overrides(bench.RECIPES, ["RGP.rgp_rank=4"])["RGP"].rgp_rank == 4
 
 
